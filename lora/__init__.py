@@ -1,0 +1,1 @@
+"""lora: filled by its own issue."""

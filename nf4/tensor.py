@@ -1,0 +1,317 @@
+"""``QuantizedTensor`` and the inverse pair ``quantize`` / ``dequantize``.
+
+W: any shape, n elements  ->  packed codes ``[(n + 1) // 2, 1]`` uint8 + absmax state.
+
+Without double quantization the state is ``absmax: [nblocks]`` float32 (4 + 32/64 = 4.5 bits
+per weight at blocksize 64). With it (the QLoRA default) absmax is itself quantized:
+``offset = mean(absmax)``; ``absmax - offset`` is 8-bit quantized with the signed dynamic map
+in blocks of 256, each with a float32 ``nested_absmax``. Dequantization then is
+
+    absmax[b] = nested_code[q_absmax[b]] * nested_absmax[b // 256] + offset   (two roundings)
+    w[i]      = code[q[i]] * absmax[i // blocksize]                         (one rounding)
+
+computed in float32 and cast once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .blockwise import (
+    block_absmax,
+    check_blocksize,
+    codes_from_scaled,
+    dequantize_blockwise_8bit,
+    pack_nibbles,
+    quantize_blockwise_8bit,
+    scale_blocks,
+)
+from .codebooks import QUANT_TYPES, dynamic_map, get_codebook
+
+__all__ = ["QuantizedTensor", "quantize", "dequantize", "DEFAULT_CHUNK_ELEMENTS"]
+
+NESTED_BLOCKSIZE = 256  # QLoRA Sec. 3: absmax constants are quantized in blocks of 256
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Elements quantized per chunk: bounds the float32 temporaries to a few x 16 MiB whatever the
+# tensor size (a 128256 x 4096 weight needs ~0.28x its bf16 size of extra memory).
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class QuantizedTensor:
+    """A blockwise 4-bit tensor in bitsandbytes' layout.
+
+    Attributes:
+        data: packed codes, ``[(n + 1) // 2, 1]`` uint8; element 2j in the high nibble.
+        shape: the logical shape of the original tensor.
+        dtype: the original floating dtype (the default for ``dequantize``).
+        blocksize: elements per absmax block.
+        quant_type: 'nf4', 'fp4' or 'int4'.
+        code: the 16 float32 levels.
+        absmax: ``[nblocks]`` float32, or uint8 codes when double-quantized.
+        offset: 0-d float32 (double quant only): mean of the original absmax.
+        nested_absmax: ``[ceil(nblocks / 256)]`` float32 (double quant only).
+        nested_code: the 256-entry dynamic map (double quant only).
+        nested_blocksize: 256.
+    """
+
+    data: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    code: torch.Tensor
+    absmax: torch.Tensor
+    offset: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+    _absmax_cache: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.shape = torch.Size(self.shape)
+        self.validate()
+
+    # ---- invariants -------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field against the others; raise ``ValueError`` naming the bad one."""
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        check_blocksize(self.blocksize)
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype}")
+        n = self.numel
+        if self.data.dtype != torch.uint8 or self.data.numel() != (n + 1) // 2:
+            raise ValueError(
+                f"data must be {(n + 1) // 2} uint8 bytes for shape {tuple(self.shape)}, got "
+                f"{self.data.numel()} {self.data.dtype}"
+            )
+        if self.code.dtype != torch.float32 or self.code.numel() != 16:
+            raise ValueError(f"code must be 16 float32 levels, got {self.code.numel()} {self.code.dtype}")
+        nblocks = self.num_blocks
+        if self.absmax.numel() != nblocks:
+            raise ValueError(f"absmax must have {nblocks} entries (one per block), got {self.absmax.numel()}")
+        if self.nested:
+            if self.absmax.dtype != torch.uint8:
+                raise ValueError(f"nested absmax must be uint8 codes, got {self.absmax.dtype}")
+            if self.nested_blocksize != NESTED_BLOCKSIZE:
+                raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {self.nested_blocksize}")
+            n2 = math.ceil(nblocks / self.nested_blocksize)
+            if self.nested_absmax is None or self.nested_absmax.numel() != n2:
+                got = None if self.nested_absmax is None else self.nested_absmax.numel()
+                raise ValueError(f"nested_absmax must have {n2} entries, got {got}")
+            if self.nested_absmax.dtype != torch.float32:
+                raise ValueError(f"nested_absmax must be float32, got {self.nested_absmax.dtype}")
+            if self.nested_code is None or self.nested_code.numel() != 256 or self.nested_code.dtype != torch.float32:
+                raise ValueError("nested_code must be 256 float32 values")
+            if self.offset.numel() != 1:
+                raise ValueError(f"offset must be a scalar, got shape {tuple(self.offset.shape)}")
+        else:
+            if self.absmax.dtype != torch.float32:
+                raise ValueError(f"absmax must be float32 without double quant, got {self.absmax.dtype}")
+            if self.nested_absmax is not None or self.nested_code is not None:
+                raise ValueError("nested_absmax / nested_code given without an offset")
+
+    # ---- properties -------------------------------------------------------------------
+    @property
+    def nested(self) -> bool:
+        """True when the absmax constants are double-quantized."""
+        return self.offset is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.numel / self.blocksize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def nbytes(self) -> int:
+        """Bytes of storage: packed codes plus all quantization state."""
+        parts = [self.data, self.absmax, self.code]
+        if self.nested:
+            parts += [self.nested_absmax, self.nested_code, self.offset]
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def bits_per_parameter(self) -> float:
+        """Storage bits per weight, excluding the constant-size tables (code maps, offset).
+
+        Without double quant:  4 + 32 / blocksize                 (= 4.5 at 64)
+        With double quant:     4 + 8 / blocksize + 32 / (blocksize * 256)
+                               (= 4.127 at 64/256: QLoRA saves 32/64 - 8/64 - 32/16384
+                               = 0.373 bits per parameter)
+        Computed from the actual tensor sizes, so partial blocks and padding count.
+        """
+        n = self.numel
+        if n == 0:
+            return 0.0
+        bits = self.data.numel() * 8 + self.absmax.numel() * self.absmax.element_size() * 8
+        if self.nested:
+            bits += self.nested_absmax.numel() * 32
+        return bits / n
+
+    # ---- conversions ------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        """Move every tensor to ``device``. The data stay quantized."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            data=move(self.data),
+            code=move(self.code),
+            absmax=move(self.absmax),
+            offset=move(self.offset),
+            nested_absmax=move(self.nested_absmax),
+            nested_code=move(self.nested_code),
+            _absmax_cache=None,
+        )
+
+    def dequantize_absmax(self) -> torch.Tensor:
+        """Per-block float32 scales ``[nblocks]`` (decodes the nested absmax when present)."""
+        if not self.nested:
+            return self.absmax
+        vals = dequantize_blockwise_8bit(self.absmax, self.nested_absmax, self.nested_code, self.nested_blocksize)
+        return vals + self.offset  # a second, separate float32 rounding, as bitsandbytes does
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The reference dequantization: a tensor of ``shape`` in ``dtype`` (default: original)."""
+        return dequantize(self, dtype)
+
+    def to_bnb_state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """The tensors bitsandbytes + transformers write for a Linear4bit weight."""
+        from .storage import to_bnb_state_dict
+
+        return to_bnb_state_dict(self, prefix)
+
+    @classmethod
+    def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "weight") -> "QuantizedTensor":
+        """Inverse of ``to_bnb_state_dict``; validates every field."""
+        from .storage import from_bnb_state_dict
+
+        return from_bnb_state_dict(sd, prefix)
+
+    def __repr__(self) -> str:
+        dq = f", double_quant(nested_blocksize={self.nested_blocksize})" if self.nested else ""
+        return (
+            f"QuantizedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, quant_type={self.quant_type!r}, "
+            f"blocksize={self.blocksize}{dq}, device={self.device}, bits/param={self.bits_per_parameter():.4f})"
+        )
+
+
+def _check_input(w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(w).__name__}")
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"quantize needs a floating tensor (float32/float16/bfloat16), got {w.dtype}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"quantize supports float32/float16/bfloat16, got {w.dtype}")
+
+
+def _first_nonfinite(chunk: torch.Tensor, start: int) -> None:
+    if not bool(torch.isfinite(chunk).all()):
+        bad = int(torch.nonzero(~torch.isfinite(chunk))[0, 0]) + start
+        raise ValueError(f"input has a non-finite value ({chunk[bad - start].item()}) at flat index {bad}")
+
+
+def quantize(
+    w: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    *,
+    check_finite: bool = True,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    nested_rounding: str = "lut16",
+) -> QuantizedTensor:
+    """Blockwise 4-bit quantization of ``w`` (any shape, float32/float16/bfloat16, any device).
+
+    The tensor is processed in chunks of ``chunk_elements`` (rounded down to whole blocks), so
+    the float32 temporaries stay small whatever the tensor size.
+
+    Args:
+        w: the tensor; non-contiguous inputs are read in row-major order.
+        quant_type: 'nf4' (default), 'fp4' or 'int4'.
+        blocksize: elements per absmax block, a power of two in [32, 4096].
+        double_quant: quantize the absmax constants too (QLoRA's double quantization).
+        check_finite: raise on NaN/Inf (default). Off, a NaN input gives undefined codes.
+        chunk_elements: elements per chunk.
+        nested_rounding: rounding of the 8-bit absmax codes, 'lut16' (bitsandbytes' CPU
+            kernel, bit-exact) or 'nearest'. See ``nf4.blockwise``.
+
+    Raises:
+        TypeError: for a non-tensor, integer or bool input.
+        ValueError: for a bad quant_type or blocksize, or a non-finite value (naming its index).
+    """
+    _check_input(w)
+    code = get_codebook(quant_type)
+    check_blocksize(blocksize)
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+    device = w.device
+    flat_in = w.reshape(-1)  # a view when contiguous; one copy otherwise
+    n = flat_in.numel()
+    nblocks = math.ceil(n / blocksize)
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=device)
+    code_dev = code.to(device)
+    step = max(blocksize, chunk_elements - chunk_elements % blocksize)  # whole, even-sized blocks
+    for start in range(0, n, step):
+        chunk = flat_in[start : start + step].float()
+        if check_finite:
+            _first_nonfinite(chunk, start)
+        b0 = start // blocksize
+        am = block_absmax(chunk, blocksize)
+        absmax[b0 : b0 + am.numel()] = am
+        scaled = scale_blocks(chunk, am, blocksize)
+        if scaled.numel() % 2:  # odd total size: the pad element is a quantized 0.0
+            scaled = torch.cat([scaled, scaled.new_zeros(1)])
+        codes = codes_from_scaled(scaled, code_dev)
+        packed[start // 2 : start // 2 + (codes.numel() + 1) // 2, 0] = pack_nibbles(codes)
+    if not double_quant:
+        return QuantizedTensor(packed, w.shape, w.dtype, blocksize, quant_type, code_dev, absmax)
+    offset = absmax.mean() if nblocks else torch.zeros((), device=device)
+    nested_code = dynamic_map(signed=True).to(device)
+    qabsmax, absmax2 = quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE, nested_rounding)
+    return QuantizedTensor(
+        packed, w.shape, w.dtype, blocksize, quant_type, code_dev, qabsmax,
+        offset=offset, nested_absmax=absmax2, nested_code=nested_code,
+    )
+
+
+def dequantize(
+    qt: QuantizedTensor, dtype: torch.dtype | None = None, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """Reference dequantization: ``code[q] * absmax[block]`` in float32, cast once to ``dtype``.
+
+    Returns a contiguous tensor of ``qt.shape`` on ``qt.device``.
+    """
+    dtype = qt.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+    n, bs = qt.numel, qt.blocksize
+    out = torch.empty(n, dtype=dtype, device=qt.device)
+    if n == 0:
+        return out.view(qt.shape)
+    absmax = qt.dequantize_absmax()
+    # pair table: byte b -> (code[b >> 4], code[b & 15]); one gather per byte
+    byte = torch.arange(256, device=qt.device)
+    pairs = torch.stack([qt.code[byte >> 4], qt.code[byte & 15]], dim=1)
+    packed = qt.data.view(-1)
+    step = max(bs, chunk_elements - chunk_elements % bs)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        vals = pairs[packed[start // 2 : (stop + 1) // 2].long()].view(-1)[: stop - start]
+        b0, b1 = start // bs, math.ceil(stop / bs)
+        full = (stop - start) - (stop - start) % bs
+        seg = out[start:stop]
+        if full:
+            seg[:full].view(-1, bs).copy_(vals[:full].view(-1, bs) * absmax[b0 : b0 + full // bs, None])
+        if full < stop - start:
+            seg[full:].copy_(vals[full:] * absmax[b1 - 1])
+    return out.view(qt.shape)

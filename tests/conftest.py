@@ -1,0 +1,33 @@
+"""Test configuration.
+
+Kernels run on CPU through the Triton interpreter: TRITON_INTERPRET=1 must be set before any
+``@triton.jit`` function is defined, so it is set here, before any project module is imported,
+whenever CUDA is absent. Checking for CUDA must not initialise it, hence no torch.cuda call.
+"""
+
+import os
+import shutil
+
+
+def _has_cuda() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" and shutil.which("nvidia-smi"))
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if _has_cuda() else []))
+def device(request):
+    """Every device available here; tests use the device of their inputs."""
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
