@@ -15,7 +15,7 @@ scaled value up in a 65536-entry table, ``k = trunc((z + 1) * 32767.5 + 0.5)`` i
 entry k holds the level nearest to ``k / 32767.5 - 1`` (measured against bitsandbytes 0.50.2 on
 CPU: 0 mismatches in 5M values). ``"nearest"`` is exact round-to-nearest. The two differ only
 where z lies within 1.5e-5 of a midpoint (about 0.1% of absmax codes); the absmax error from
-either is below 1.6e-5 x absmax2.
+"lut16" exceeds that of "nearest" by at most 3.1e-5 x absmax2.
 """
 
 from __future__ import annotations
@@ -112,12 +112,10 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _lut16(code_key: tuple[float, ...], device: str) -> torch.Tensor:
-    code = torch.tensor(code_key, dtype=torch.float64)
-    k = torch.arange(65536, dtype=torch.float64)
-    rep = k / 32767.5 - 1.0
-    # nearest level to each bin's representative value; ties (none occur for the dynamic
-    # maps) go to the lower index, as argmin returns the first minimum
-    lut = (rep[:, None] - code[None, :]).abs().argmin(dim=1)
+    code = torch.tensor(code_key, dtype=torch.float64)  # sorted 256-entry map
+    rep = torch.arange(65536, dtype=torch.float64) / 32767.5 - 1.0
+    # nearest level to each bin's representative value; a tie goes to the lower level
+    lut = torch.bucketize(rep, (code[:-1] + code[1:]) / 2)
     return lut.to(torch.uint8).to(device)
 
 

@@ -1,0 +1,38 @@
+"""One way to time things: warm-up, then the median of repeated runs, on any device."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def median_time(fn: Callable[[], object], device: str | torch.device = "cpu", warmup: int = 2,
+                reps: int = 7) -> float:
+    """Median wall time of ``fn()`` in seconds after ``warmup`` calls.
+
+    On CUDA this uses ``triton.testing.do_bench`` (L2 flushed between runs, events timed);
+    on CPU ``time.perf_counter`` around each call.
+    """
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def bnb_available() -> bool:
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
