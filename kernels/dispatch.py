@@ -1,0 +1,85 @@
+"""Where every op decides how it runs: the one dispatch rule of the package.
+
+    CUDA tensor                        -> the Triton kernels
+    CPU tensor, TRITON_INTERPRET=1     -> the Triton kernels, run by the interpreter (CI)
+    CPU tensor otherwise               -> the plain-PyTorch reference (``kernels.reference``)
+    float64 tensors, any device        -> the reference (float64 exists for gradcheck)
+    anything else (mps, xpu, ...)      -> ValueError naming the device
+
+Two overrides exist for tests and benchmarks, both scoped context managers:
+``force_backend("reference" | "triton")`` and ``force_regime(...)`` (see ``kernels.matmul``).
+Nothing here touches CUDA: the decision reads ``tensor.device.type`` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+__all__ = ["interpreting", "use_triton", "check_device", "force_backend", "BACKENDS", "forced_regime",
+           "force_regime", "REGIMES"]
+
+BACKENDS = ("auto", "reference", "triton")
+REGIMES = ("auto", "gemv", "gemm", "dequant_gemm")
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+_state = threading.local()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(t: torch.Tensor, name: str = "input") -> None:
+    """Raise ``ValueError`` naming the device when ``t`` is on one we have no path for."""
+    if t.device.type not in SUPPORTED_DEVICES:
+        raise ValueError(f"{name} is on unsupported device {t.device}; kernels support {SUPPORTED_DEVICES}")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """The dispatch rule (module docstring), honouring ``force_backend``."""
+    check_device(t)
+    forced = getattr(_state, "backend", "auto")
+    if forced == "reference" or t.dtype == torch.float64:
+        return False
+    if forced == "triton":
+        if t.device.type == "cpu" and not interpreting():
+            raise ValueError("force_backend('triton') on CPU tensors needs TRITON_INTERPRET=1 set before import")
+        return True
+    return t.device.type == "cuda" or interpreting()
+
+
+@contextlib.contextmanager
+def force_backend(name: str):
+    """Run the ops in this block on ``name`` ('auto', 'reference' or 'triton')."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    old = getattr(_state, "backend", "auto")
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = old
+
+
+def forced_regime() -> str:
+    """The matmul regime forced by ``force_regime`` ('auto' when none)."""
+    return getattr(_state, "regime", "auto")
+
+
+@contextlib.contextmanager
+def force_regime(name: str):
+    """Force the Triton matmul regime: 'gemv' (split-K, small M), 'gemm' (in-loop dequant)
+    or 'dequant_gemm' (dequantize once into a buffer, then GEMM). 'auto' picks by M."""
+    if name not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {name!r}")
+    old = getattr(_state, "regime", "auto")
+    _state.regime = name
+    try:
+        yield
+    finally:
+        _state.regime = old

@@ -1,0 +1,114 @@
+"""Large-M regime: a tiled GEMM with the weight dequantized inside the K loop (or read from a
+dequantized-once dense buffer), with the LoRA term and the bias fused into the epilogue.
+
+Math (``kernels._launch`` explains Wop and the two orientations):
+
+    for each output tile (m-block, p-block), grouped along M for L2 reuse of Wop:
+        acc = 0                                             # float32 [BLOCK_M, BLOCK_P]
+        for r0 in range(0, R, BLOCK_R):
+            a_tile = a[m-block, r0:r0+BLOCK_R]
+            w_tile = code[q[idx]] * absmax[idx // blocksize]   # idx = r * stride_wr + p * stride_wp
+            acc   += a_tile @ w_tile                        # tl.dot, float32 accumulation
+        acc += scale * S[m-block] @ L[:, p-block] (⊙ keep / (1-p))  + bias[p-block]
+        out[m-block, p-block] = acc (cast once)
+
+Forward with K even reads one packed byte per two weights (PAIRED; see ``kernels.gemv``).
+Layers: ``_qgemm_kernel`` -> ``gemm_launch`` (called by the ops in ``kernels.matmul``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import MatmulProblem
+from ._tl import (cast_out, dequant_elements, dequant_pairs, load_a_pairs, load_offset,
+                  lora_bias_epilogue, mma)
+
+__all__ = ["gemm_launch", "gemm_config"]
+
+
+@triton.jit
+def _qgemm_kernel(
+    a_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr,  # a: [M, R]; W (or dense W)
+    s_ptr, l_ptr, bias_ptr, seed_ptr,  # epilogue operands
+    out_ptr,  # [M, P]
+    M, P, R, RANK,
+    stride_am, stride_ar, stride_wr, stride_wp,
+    stride_sm, stride_sj, stride_lj, stride_lp,
+    scale, threshold, keep_scale,
+    stride_om, stride_op,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    QUANTIZED: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    PAIRED: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_RANK: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, OUT_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr,
+):
+    # grouped ordering: GROUP_M consecutive m-blocks walk the p-blocks together
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_p = tl.cdiv(P, BLOCK_P)
+    group = GROUP_M * num_p
+    first_m = (pid // group) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_p = (pid % group) // group_size
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    offset = load_offset(offset_ptr, NESTED)
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        if PAIRED:  # one byte -> two weights (forward orientation, K even)
+            a_even, a_odd = load_a_pairs(a_ptr, offs_m, r0, M, R, stride_am, stride_ar, BLOCK_R)
+            w_hi, w_lo = dequant_pairs(w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset, r0, offs_p, R, P,
+                                       stride_wp, BLOCK_R // 2, BLOCKSIZE, NESTED, ROW_BLOCKS)
+            acc = mma(a_even, w_hi, acc, True, DOT_DTYPE, IEEE)
+            acc = mma(a_odd, w_lo, acc, True, DOT_DTYPE, IEEE)
+        else:  # any orientation: element-wise gather of the nibbles
+            r = r0 + offs_r
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + r[None, :] * stride_ar,
+                        mask=(offs_m[:, None] < M) & (r[None, :] < R), other=0.0)
+            w_mask = (r[:, None] < R) & (offs_p[None, :] < P)
+            w_idx = r[:, None] * stride_wr + offs_p[None, :] * stride_wp
+            if QUANTIZED:
+                w = dequant_elements(w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset, w_idx, w_mask,
+                                     BLOCKSIZE, NESTED)
+            else:
+                w = tl.load(w_ptr + w_idx, mask=w_mask, other=0.0)
+            acc = mma(a, w, acc, True, DOT_DTYPE, IEEE)
+
+    acc = lora_bias_epilogue(acc, offs_m, offs_p, M, P, s_ptr, stride_sm, stride_sj, l_ptr, stride_lj, stride_lp,
+                             RANK, scale, bias_ptr, seed_ptr, threshold, keep_scale,
+                             HAS_LORA, BLOCK_RANK, HAS_DROPOUT, HAS_BIAS, True, DOT_DTYPE, IEEE)
+    out = cast_out(acc, OUT_DTYPE, MANUAL_BF16)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op, out,
+             mask=(offs_m[:, None] < M) & (offs_p[None, :] < P))
+
+
+def gemm_config(M: int, P: int, R: int, device: torch.device) -> dict:
+    """Tile sizes. GPU values are untuned starting points (the GPU tuning issue sets them);
+    interpreter tiles are small so that CI shapes cross every tile boundary."""
+    if device.type == "cpu":
+        return dict(BLOCK_M=32, BLOCK_P=32, BLOCK_R=32, GROUP_M=4)
+    if M >= 128:
+        return dict(BLOCK_M=128, BLOCK_P=128, BLOCK_R=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_P=128, BLOCK_R=64, GROUP_M=8, num_warps=4, num_stages=4)
+
+
+def gemm_launch(prob: MatmulProblem, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """Launch ``_qgemm_kernel`` for ``prob``: returns ``out: [M, P]`` of ``out_dtype``."""
+    M, P = prob.M, prob.P
+    out = torch.empty((M, P), dtype=out_dtype, device=prob.a.device)
+    if M == 0 or P == 0:
+        return out
+    cfg = dict(config or gemm_config(M, P, prob.R, prob.a.device))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
+    _qgemm_kernel[grid](
+        *prob.pointer_args(), out, *prob.scalar_args(), out.stride(0), out.stride(1),
+        **cfg, **prob.meta(out_dtype, dot_operands_fp32=False), **prob.pairing(cfg["BLOCK_R"], True),
+        enable_fp_fusion=False,  # bit-exact absmax decode (see kernels._tl)
+    )
+    return out
