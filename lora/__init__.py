@@ -1,1 +1,42 @@
-"""lora: filled by its own issue."""
+"""lora: LoRA / QLoRA layers, model surgery and peft-compatible adapters, without peft.
+
+    import lora
+    cfg = lora.LoRAConfig(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
+    model = lora.apply_lora(model, cfg, quantize=True)      # QLoRALinear: 4-bit NF4 base
+    print(lora.trainable_report(model))
+    opt = torch.optim.AdamW(lora.adapter_parameters(model).values(), lr=2e-4)
+    lora.save_adapter(model, "out/")                          # peft's file layout
+    lora.load_adapter(model, "out/")
+    lora.merge(model); lora.unmerge(model)
+
+Each layer computes ``y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` with A: [r, K], B: [N, r],
+s = alpha / r (or alpha / sqrt(r) with rsLoRA); QLoRA layers run it through
+``kernels.qlora_linear`` on a 4-bit base.
+"""
+
+from .adapters import load_adapter, load_adapter_config, save_adapter
+from .config import ALL_LINEAR, LoRAConfig
+from .layers import LoRALayer, LoRALinear
+from .memory import PeakMemory
+from .qlinear import QLoRALinear
+from .surgery import (
+    TrainableReport,
+    adapter_parameters,
+    apply_lora,
+    disable_adapter,
+    lora_layers,
+    mark_only_lora_trainable,
+    merge,
+    trainable_report,
+    unload,
+    unmerge,
+    upcast_norms,
+)
+from .targets import find_targets, output_layer_name
+
+__all__ = [
+    "LoRAConfig", "ALL_LINEAR", "LoRALayer", "LoRALinear", "QLoRALinear", "apply_lora", "find_targets",
+    "output_layer_name", "lora_layers", "adapter_parameters", "mark_only_lora_trainable", "TrainableReport",
+    "trainable_report", "merge", "unmerge", "disable_adapter", "unload", "upcast_norms",
+    "save_adapter", "load_adapter", "load_adapter_config", "PeakMemory",
+]

@@ -150,5 +150,9 @@ def dequantize_blockwise_8bit(
     """``code[q] * absmax[i // blocksize]`` in float32, one rounding: ``[n]`` float32."""
     n = codes.numel()
     vals = code.to(codes.device)[codes.reshape(-1).long()]
-    block = torch.arange(n, device=codes.device) // blocksize
-    return vals * absmax[block]
+    full = n - n % blocksize
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    out[:full] = (vals[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).view(-1)
+    if full < n:
+        out[full:] = vals[full:] * absmax[full // blocksize]
+    return out
