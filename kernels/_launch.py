@@ -13,13 +13,38 @@ weight is an already dequantized [N, K] buffer read with the same strides.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from ._tl import manual_bf16, tl_dtype
 from .dispatch import interpreting
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU the current one: Triton launches on the current device, which need not
+    be the tensors' (e.g. a model spread over several GPUs)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch_fitting(kernel, grid, args: list, kwargs: dict) -> None:
+    """``kernel[grid](*args, **kwargs)`` on the device of ``args[0]``; when the compiled kernel
+    needs more shared memory than the GPU has (Triton raises ``OutOfResources`` before launching
+    anything), retry with one pipeline stage fewer. Untuned tile configs must not crash a run
+    (the GPU tuning issue sets them); the interpreter never raises this."""
+    with device_guard(args[0]):
+        while True:
+            try:
+                kernel[grid](*args, **kwargs)
+                return
+            except OutOfResources:
+                stages = kwargs.get("num_stages", 3)
+                if stages <= 1:
+                    raise
+                kwargs = {**kwargs, "num_stages": stages - 1}
 
 
 @dataclass

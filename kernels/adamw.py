@@ -210,7 +210,7 @@ def _nearest_code(mids_ptr, x):
     """
     pos = tl.zeros(x.shape, dtype=tl.int32)
     for i in tl.static_range(8):
-        half: tl.constexpr = 128 >> i
+        half = 128 >> i  # a compile-time constant; triton 3.6 forbids re-annotating it per unrolled step
         mid = tl.load(mids_ptr + pos + (half - 1))
         pos = tl.where(mid < x, pos + half, pos)
     return pos
@@ -221,7 +221,9 @@ def _requantize(x, mask, idx, blk, bmask, n, codes_ptr, absmax_ptr, mids_ptr, CO
     """Store ``x: [ROWS, COLS]`` as 8-bit codes with a new absmax per row (= per block)."""
     absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)  # [ROWS]
     tl.store(absmax_ptr + blk, absmax, mask=bmask)
-    safe = tl.maximum(absmax, 1e-38)  # nf4.blockwise's clamp before the reciprocal
+    # nf4.blockwise's clamp before the reciprocal; 1e-38 is subnormal, so triton would type the
+    # literal fp64 (and div_rn then rejects it): keep the result fp32
+    safe = tl.maximum(absmax, 1e-38).to(tl.float32)
     inv = tl.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
     full = (blk + 1) * COLS <= n  # full blocks multiply by the reciprocal, the last one divides
     scaled = tl.where(full[:, None], x * inv[:, None], tl.div_rn(x, safe[:, None]))

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import reference
+from ._launch import device_guard
 from ._tl import cast_out, decode_absmax, load_offset, manual_bf16, tl_dtype
 from .dispatch import interpreting, use_triton
 from .state import check_quantized, quant_state
@@ -39,7 +40,7 @@ def _dequant_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     j = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)  # int64 byte indices
-    in_range = j < (numel + 1) // 2
+    in_range = 2 * j < numel  # j < ceil(numel / 2), in int64 (numel + 1 may wrap an int32 numel)
     byte = tl.load(w_ptr + j, mask=in_range, other=0)
     offset = load_offset(offset_ptr, NESTED)
     am = decode_absmax(absmax_ptr, nabs_ptr, ncode_ptr, offset, (2 * j) // BLOCKSIZE, in_range, NESTED)
@@ -60,14 +61,15 @@ def dequantize_launch(data, absmax, code, nested_absmax, nested_code, offset, nu
         return out
     nested = nested_absmax is not None
     grid = (triton.cdiv((numel + 1) // 2, BLOCK_BYTES),)
-    _dequant_kernel[grid](
-        data, absmax, code,
-        nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else code,
-        out, numel,
-        BLOCKSIZE=blocksize, NESTED=nested, BLOCK_BYTES=BLOCK_BYTES,
-        OUT_DTYPE=tl_dtype(dtype), MANUAL_BF16=manual_bf16(dtype, interpreting()),
-        enable_fp_fusion=False,  # keep the two absmax roundings separate (bit-exactness)
-    )
+    with device_guard(data):
+        _dequant_kernel[grid](
+            data, absmax, code,
+            nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else code,
+            out, numel,
+            BLOCKSIZE=blocksize, NESTED=nested, BLOCK_BYTES=BLOCK_BYTES,
+            OUT_DTYPE=tl_dtype(dtype), MANUAL_BF16=manual_bf16(dtype, interpreting()),
+            enable_fp_fusion=False,  # keep the two absmax roundings separate (bit-exactness)
+        )
     return out
 
 

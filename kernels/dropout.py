@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import reference
+from ._launch import device_guard
 from ._tl import cast_out, keep_mask, manual_bf16, tl_dtype
 from .dispatch import interpreting, use_triton
 
@@ -36,9 +37,9 @@ def _dropout_kernel(
     BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat logical index
-    in_range = i < M * K
     m = i // K
     k = i % K
+    in_range = m < M  # not ``i < M * K``: M * K of two int32 arguments wraps past 2^31
     x = tl.load(x_ptr + m * stride_xm + k * stride_xk, mask=in_range, other=0.0).to(tl.float32)
     keep = keep_mask(tl.load(seed_ptr), i, threshold)
     y = tl.where(keep, x * keep_scale, 0.0)
@@ -51,11 +52,12 @@ def dropout_launch(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tenso
     out = torch.empty((M, K), dtype=x.dtype, device=x.device)
     if M * K == 0:
         return out
-    _dropout_kernel[(triton.cdiv(M * K, BLOCK),)](
-        x, out, seed, M, K, x.stride(0), x.stride(1),
-        reference.dropout_threshold(p), 1.0 / (1.0 - p),
-        BLOCK=BLOCK, OUT_DTYPE=tl_dtype(x.dtype), MANUAL_BF16=manual_bf16(x.dtype, interpreting()),
-    )
+    with device_guard(x):
+        _dropout_kernel[(triton.cdiv(M * K, BLOCK),)](
+            x, out, seed, M, K, x.stride(0), x.stride(1),
+            reference.dropout_threshold(p), 1.0 / (1.0 - p),
+            BLOCK=BLOCK, OUT_DTYPE=tl_dtype(x.dtype), MANUAL_BF16=manual_bf16(x.dtype, interpreting()),
+        )
     return out
 
 
@@ -93,5 +95,7 @@ def dropout(x: torch.Tensor, p: float, seed: torch.Tensor | int | None = None) -
         seed = new_seed(x.device)
     elif not isinstance(seed, torch.Tensor):
         seed = torch.tensor(int(seed), dtype=torch.int64, device=x.device)
+    else:  # the kernel reads the seed through a pointer: it must live on x's device
+        seed = seed.to(device=x.device, dtype=torch.int64).reshape(())
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() else x.reshape(1, 1)
     return dropout_op(x2, seed, float(p)).view(x.shape)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import MatmulProblem
+from ._launch import MatmulProblem, launch_fitting
 from ._tl import (cast_out, dequant_elements, dequant_pairs, load_a_pairs, load_offset,
                   lora_bias_epilogue, mma)
 
@@ -105,10 +105,18 @@ def gemm_launch(prob: MatmulProblem, out_dtype: torch.dtype, config: dict | None
     if M == 0 or P == 0:
         return out
     cfg = dict(config or gemm_config(M, P, prob.R, prob.a.device))
+    flags = prob.pairing(cfg["BLOCK_R"], True)
+    if "num_stages" in cfg and not prob.dense and not flags["ROW_BLOCKS"]:
+        # Per-element absmax decode (dx, or K not a multiple of the blocksize): every pipeline
+        # stage buffers gathered byte / absmax-code / scale tiles. Compiled with triton 3.6 for
+        # sm_90, 3-4 stages need up to 376 KB of shared memory, over the 227 KB an H100/H200
+        # block may use; 2 stages need <= 164 KB (ROW_BLOCKS and dense: <= 200 KB as configured).
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
-    _qgemm_kernel[grid](
-        *prob.pointer_args(), out, *prob.scalar_args(), out.stride(0), out.stride(1),
-        **cfg, **prob.meta(out_dtype, dot_operands_fp32=False), **prob.pairing(cfg["BLOCK_R"], True),
-        enable_fp_fusion=False,  # bit-exact absmax decode (see kernels._tl)
+    launch_fitting(
+        _qgemm_kernel, grid,
+        [*prob.pointer_args(), out, *prob.scalar_args(), out.stride(0), out.stride(1)],
+        dict(**cfg, **prob.meta(out_dtype, dot_operands_fp32=False), **flags,
+             enable_fp_fusion=False),  # bit-exact absmax decode (see kernels._tl)
     )
     return out

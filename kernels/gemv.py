@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import MatmulProblem
+from ._launch import MatmulProblem, launch_fitting
 from ._tl import (cast_out, dequant_elements, dequant_pairs, load_a_pairs, load_offset,
                   lora_bias_epilogue, mma)
 
@@ -135,10 +135,11 @@ def gemv_launch(prob: MatmulProblem, out_dtype: torch.dtype, config: dict | None
         out = torch.empty((split, M, P), dtype=torch.float32, device=dev)
         strides = out.stride()
     grid = (triton.cdiv(P, cfg["BLOCK_P"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
-    _qgemv_kernel[grid](
-        *prob.pointer_args(), out, *prob.scalar_args(), *strides, r_split,
-        **cfg, **prob.meta(out_dtype, dot_operands_fp32=False), **prob.pairing(block_r, cfg["USE_DOT"]),
-        enable_fp_fusion=False,  # bit-exact absmax decode (see kernels._tl)
+    launch_fitting(
+        _qgemv_kernel, grid,
+        [*prob.pointer_args(), out, *prob.scalar_args(), *strides, r_split],
+        dict(**cfg, **prob.meta(out_dtype, dot_operands_fp32=False), **prob.pairing(block_r, cfg["USE_DOT"]),
+             enable_fp_fusion=False),  # bit-exact absmax decode (see kernels._tl)
     )
     if split == 1:
         return out

@@ -91,7 +91,7 @@ def nf4_linear_op(
         lora_s=lora_s, lora_l=lora_B,
         stride_lj=lora_B.stride(1) if lora_B is not None else 0,
         stride_lp=lora_B.stride(0) if lora_B is not None else 0,
-        scale=scale, bias=bias,
+        scale=scale, bias=bias.contiguous() if bias is not None else None,  # the kernel reads bias[p]
     )
     return _run(prob, x.dtype, n, k)
 
