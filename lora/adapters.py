@@ -74,6 +74,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"cannot save merged layers {merged}: unmerge() first")
+    sharded = [n for n, layer in layers if type(layer.lora_A).__name__ == "DTensor"
+               or type(getattr(layer.lora_A, "data", None)).__name__ == "DTensor"]
+    if sharded:
+        raise ValueError(f"adapters of {sharded[:3]}{'...' if len(sharded) > 3 else ''} are FSDP2-sharded "
+                         "(DTensor): use lora.fsdp_checkpoint.save_adapter_consolidated(model, path)")
     for attr in ("lora_dropout", "use_rslora"):
         values = {getattr(layer, attr) for _, layer in layers}
         if len(values) > 1:

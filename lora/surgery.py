@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .layers import LoRALayer, LoRALinear
-from .qlinear import QLoRALinear
+from .qlinear import QUANT_BUFFERS, QLoRALinear
 from .targets import find_targets
 
 __all__ = [
@@ -149,18 +150,22 @@ class TrainableReport:
 
 def trainable_report(model: nn.Module) -> TrainableReport:
     """Count trainable and all parameters (``str()`` of the result is peft's one-liner)."""
+    layers = list(lora_layers(model))
+    # the quantized base counts as its logical [N, K] weights, whether it sits in buffers or
+    # (under FSDP2, see lora.fsdp) in frozen storage parameters, which must not count again
+    storage = {id(t) for _, layer in layers if isinstance(layer, QLoRALinear)
+               for name in QUANT_BUFFERS if isinstance(t := getattr(layer, name, None), torch.Tensor)}
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
-        if id(p) in seen:
+        if id(p) in seen or id(p) in storage:
             continue
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    layers = list(lora_layers(model))
     for _, layer in layers:
         if isinstance(layer, QLoRALinear):
-            total += layer.quantized_weight.numel
+            total += math.prod(layer._qshape)
     return TrainableReport(trainable, total, len(layers))
 
 

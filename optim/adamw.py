@@ -59,6 +59,47 @@ _TORCH_ONLY_KEYS = {"amsgrad": False, "maximize": False, "foreach": None, "captu
 _FUSED_BACKEND = {None: "auto", True: "triton", False: "reference"}
 
 
+def _dtensor_type():
+    """``torch.distributed.tensor.DTensor`` when this torch build has it, else None."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _local(t):
+    """The rank-local shard of a DTensor (FSDP2 parameters and gradients), else ``t`` itself.
+    AdamW is elementwise, so each rank updates its own slice of each parameter."""
+    dtensor = _dtensor_type()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def _as_shard_of(t, p):
+    """State tensor ``t`` of a DTensor parameter ``p``, shaped like p's local shard, as a DTensor
+    with p's placement (so that torch.distributed.checkpoint saves every rank's slice)."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(p, dtensor) or not torch.is_tensor(t) or isinstance(t, dtensor):
+        return t
+    if t.shape != p.to_local().shape:
+        return t
+    return dtensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _agree_across_shards(ok: torch.Tensor, grads: list) -> torch.Tensor:
+    """A sharded parameter is skipped on every rank when any shard is non-finite (else the ranks
+    would update different slices): MIN all-reduce of the flags over each mesh dimension."""
+    dtensor = _dtensor_type()
+    meshes = {g.device_mesh for g in grads if dtensor is not None and isinstance(g, dtensor)}
+    if not meshes:
+        return ok
+    flags = ok.to(torch.int32)
+    for mesh in meshes:
+        for dim in range(mesh.ndim):
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=mesh.get_group(dim))
+    return flags.bool()
+
+
 def _validate_hyper(lr, betas, eps, weight_decay) -> None:
     """torch.optim.AdamW's checks, with its messages."""
     lr_value = float(lr)
@@ -192,13 +233,15 @@ class PagedAdamW(torch.optim.Optimizer):
             by_device[p.device].append(i)
         for device, idx in by_device.items():
             backend = self._backend(device)
-            ps = [params[i] for i in idx]
+            ps = [_local(params[i]) for i in idx]  # state is shaped like the local shard
+            owner = {id(lp): params[i] for lp, i in zip(ps, idx)}
             eight = [uses_8bit(p.numel(), self.state_bits) for p in ps]
             paged = [backend.managed and p.numel() >= max(1, self.page_min_numel) for p in ps]
             states, arenas = allocate_state(ps, [values[i] for i in idx], eight, backend, paged, self.arena_bytes)
             for i, st in zip(idx, states):
                 self.state[params[i]] = {"step": steps[i], **st}
             for arena in arenas:
+                arena.params = [owner[id(lp)] for lp in arena.params]  # keyed by the parameter itself
                 self._arenas.append(arena)
                 for p in arena.params:
                     self._arena_of[p] = arena
@@ -210,9 +253,12 @@ class PagedAdamW(torch.optim.Optimizer):
                 by_device[g.device].append(i)
         finite = [True] * len(items)
         for idx in by_device.values():
-            norms = torch.stack([torch.linalg.vector_norm(items[i][1], ord=math.inf).float() for i in idx])
-            for i, ok in zip(idx, torch.isfinite(norms).tolist()):  # one sync per device, by design
-                finite[i] = ok
+            locs = [_local(items[i][1]) for i in idx]
+            norms = torch.stack([torch.linalg.vector_norm(g, ord=math.inf).float() if g.numel() else
+                                 torch.zeros((), device=g.device) for g in locs])
+            ok = _agree_across_shards(torch.isfinite(norms), [items[i][1] for i in idx])
+            for i, flag in zip(idx, ok.tolist()):  # one sync per device, by design
+                finite[i] = flag
         self.last_skipped = [it[0] for it, ok in zip(items, finite) if not ok]
         self.nonfinite_skips += len(self.last_skipped)
         return [it for it, ok in zip(items, finite) if ok]
@@ -225,8 +271,8 @@ class PagedAdamW(torch.optim.Optimizer):
             launches[(gi, float(st["step"]), "exp_avg_codes" in st)].append((p, g, st))
         for (gi, step, eight_bit), batch in launches.items():
             group = self.param_groups[gi]
-            ps = [b[0] for b in batch]
-            gs = [b[1] for b in batch]
+            ps = [_local(b[0]) for b in batch]
+            gs = [_local(b[1]) for b in batch]
             sts = [b[2] for b in batch]
             kw = {}
             if eight_bit:
@@ -307,7 +353,10 @@ class PagedAdamW(torch.optim.Optimizer):
         """torch's format with plain CPU tensors (copies, never views of paged memory). Groups
         carry torch.optim.AdamW's extra keys so that it can load this state dict."""
         sd = super().state_dict()
-        sd["state"] = {k: state_to_cpu(v) for k, v in sd["state"].items()}
+        by_id = dict(zip(chain.from_iterable(g["params"] for g in sd["param_groups"]),
+                         chain.from_iterable(g["params"] for g in self.param_groups)))
+        sd["state"] = {k: {key: _as_shard_of(t, by_id[k]) for key, t in state_to_cpu(v).items()}
+                       for k, v in sd["state"].items()}
         for g in sd["param_groups"]:
             for key, value in _TORCH_ONLY_KEYS.items():
                 g.setdefault(key, value)
@@ -358,7 +407,9 @@ class PagedAdamW(torch.optim.Optimizer):
             if "step" not in saved:
                 raise ValueError(f"state[{pid!r}] has no 'step'")
             params.append(p)
-            values.append(state_from_saved(saved, p, uses_8bit(p.numel(), self.state_bits), f"state[{pid!r}]"))
+            local = _local(p)  # DTensor state (what state_dict writes for DTensor params) loads shard by shard
+            saved = {k: _local(v) if torch.is_tensor(v) else v for k, v in saved.items()}
+            values.append(state_from_saved(saved, local, uses_8bit(local.numel(), self.state_bits), f"state[{pid!r}]"))
             steps.append(torch.as_tensor(saved["step"]).detach().to("cpu", torch.float32).reshape(()).clone())
         # everything is valid: replace the state
         self.param_groups = new_groups
