@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from nf4.blockwise import dequantize_blockwise_8bit, unpack_nibbles
+from nf4.blockwise import dequantize_blockwise_8bit
+from nf4.tensor import decode_packed
 
 __all__ = [
     "compute_dtype",
@@ -72,13 +73,7 @@ def dequantize_packed(
     """
     if nested_absmax is not None:
         absmax = dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, NESTED_BLOCKSIZE) + offset
-    vals = code[unpack_nibbles(data, numel)]
-    full = numel - numel % blocksize
-    out = torch.empty(numel, dtype=vals.dtype, device=vals.device)
-    out[:full] = (vals[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).view(-1)
-    if full < numel:  # the last, partial block
-        out[full:] = vals[full:] * absmax[-1]
-    return out.to(dtype)
+    return decode_packed(data, absmax, code, numel, blocksize, dtype)
 
 
 # ---- dropout -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from .blockwise import (
 )
 from .codebooks import QUANT_TYPES, dynamic_map, get_codebook
 
-__all__ = ["QuantizedTensor", "quantize", "dequantize", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["QuantizedTensor", "quantize", "dequantize", "decode_packed", "DEFAULT_CHUNK_ELEMENTS"]
 
 NESTED_BLOCKSIZE = 256  # QLoRA Sec. 3: absmax constants are quantized in blocks of 256
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -322,6 +322,47 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()
 
 
+def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, numel: int, blocksize: int,
+                  dtype: torch.dtype, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """The dequantization arithmetic on raw state: ``[numel]`` in ``dtype``.
+
+    packed: ``[(numel + 1) // 2]`` uint8 (any shape, read flat); absmax: ``[nblocks]`` float32
+    (already decoded when double-quantized); code: float32[16]. Each value is
+    ``code[q] * absmax[i // blocksize]`` rounded once in float32, then cast once to ``dtype``
+    (float64 is allowed as an output, for gradient checks: the cast is exact).
+    """
+    out_dtypes = FLOAT_DTYPES + (torch.float64,)
+    if dtype not in out_dtypes:
+        raise ValueError(f"dtype must be one of {out_dtypes}, got {dtype}")
+    n, bs, device = numel, blocksize, packed.device
+    if n == 0:
+        return torch.empty(0, dtype=dtype, device=device)
+    pairs = _pair_table(code)
+    packed = packed.reshape(-1)
+    full = n - n % bs
+    nfull = full // bs
+    fast = _fast_decode() if (device.type == "cpu" and full >= _COMPILE_MIN_ELEMENTS) else None
+    if fast is not None and not torch.compiler.is_compiling():
+        try:
+            body = fast(packed[: full // 2], absmax[:nfull], pairs, bs, dtype)
+            if full == n:
+                return body
+            tail = pairs[packed[full // 2 :].long()].view(-1)[: n - full]
+            return torch.cat([body, (tail * absmax[nfull]).to(dtype)])
+        except Exception:  # noqa: BLE001 - compiler failure at run time: eager from now on
+            _COMPILED["fn"] = None
+    out = torch.empty(n, dtype=dtype, device=device)
+    step = max(bs, chunk_elements - chunk_elements % bs)
+    for start in range(0, full, step):
+        stop = min(full, start + step)
+        out[start:stop] = _decode_blocks(packed[start // 2 : stop // 2], absmax[start // bs : stop // bs],
+                                         pairs, bs, dtype)
+    if full < n:  # the partial last block: decode its (padded) bytes, keep n - full values
+        tail = pairs[packed[full // 2 :].long()].view(-1)[: n - full]
+        out[full:] = (tail * absmax[nfull]).to(dtype)
+    return out
+
+
 def dequantize(
     qt: QuantizedTensor, dtype: torch.dtype | None = None, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 ) -> torch.Tensor:
@@ -333,31 +374,6 @@ def dequantize(
     dtype = qt.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-    n, bs = qt.numel, qt.blocksize
-    if n == 0:
-        return torch.empty(qt.shape, dtype=dtype, device=qt.device)
-    absmax = qt.dequantize_absmax()
-    pairs = _pair_table(qt.code)
-    packed = qt.data.view(-1)
-    full = n - n % bs
-    nfull = full // bs
-    fast = _fast_decode() if (qt.device.type == "cpu" and full >= _COMPILE_MIN_ELEMENTS) else None
-    if fast is not None and not torch.compiler.is_compiling():
-        try:
-            body = fast(packed[: full // 2], absmax[:nfull], pairs, bs, dtype)
-            if full == n:
-                return body.view(qt.shape)
-            tail = pairs[packed[full // 2 :].long()].view(-1)[: n - full]
-            return torch.cat([body, (tail * absmax[nfull]).to(dtype)]).view(qt.shape)
-        except Exception:  # noqa: BLE001 - compiler failure at run time: eager from now on
-            _COMPILED["fn"] = None
-    out = torch.empty(n, dtype=dtype, device=qt.device)
-    step = max(bs, chunk_elements - chunk_elements % bs)
-    for start in range(0, full, step):
-        stop = min(full, start + step)
-        out[start:stop] = _decode_blocks(packed[start // 2 : stop // 2], absmax[start // bs : stop // bs],
-                                         pairs, bs, dtype)
-    if full < n:  # the partial last block: decode its (padded) bytes, keep n - full values
-        tail = pairs[packed[full // 2 :].long()].view(-1)[: n - full]
-        out[full:] = (tail * absmax[nfull]).to(dtype)
-    return out.view(qt.shape)
+    flat = decode_packed(qt.data, qt.dequantize_absmax(), qt.code, qt.numel, qt.blocksize, dtype,
+                         chunk_elements=chunk_elements)
+    return flat.view(qt.shape)
