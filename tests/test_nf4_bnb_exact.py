@@ -129,3 +129,13 @@ def test_bitsandbytes_cpu_dequantize_misreads_blocks_that_cross_rows():
     assert not torch.equal(c_path, torch_path)
     bound = s.absmax.max().item() * 0.2  # NF4's largest half-gap is 0.139 of absmax
     assert (qt.dequantize() - w).abs().max().item() < bound < (c_path - w).abs().max().item()
+
+
+def test_subnormal_blocks_flush_to_zero_like_bitsandbytes():
+    # Found by hypothesis: bitsandbytes clamps absmax to >= 1e-38 before taking 1/absmax, so
+    # a block whose values are all subnormal scales to ~0 and decodes to exact zeros. We match.
+    w = torch.cat([torch.full((64,), 6.5e-41), torch.randn(64)])
+    q, s = _bnb(w, "nf4", 64, False)
+    qt = nf4.quantize(w, "nf4", 64, False)
+    _assert_same_state(qt, q, s)
+    assert torch.equal(qt.dequantize()[:64], torch.zeros(64))

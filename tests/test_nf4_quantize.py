@@ -155,7 +155,11 @@ def test_dequantize_error_is_at_most_half_the_largest_gap_times_absmax(w, quant_
     absmax = qt.absmax.repeat_interleave(blocksize)[: w.numel()]
     err = (qt.dequantize() - w).abs()
     # float32 scaling/rounding adds a few ulps of absmax on top of the codebook bound
-    assert (err <= absmax * (half_gap + 1e-6)).all()
+    normal = absmax >= 1e-38
+    assert (err[normal] <= absmax[normal] * (half_gap + 1e-6)).all()
+    # bitsandbytes clamps absmax to >= 1e-38 before scaling, so a block whose absmax is
+    # subnormal scales to almost 0 and flushes towards zero: error at most its absmax
+    assert (err[~normal] <= absmax[~normal]).all()
 
 
 @settings(max_examples=60, deadline=None)
