@@ -310,7 +310,9 @@ def _fast_decode():
         fn = None
         if os.environ.get("NF4_COMPILE", "1") != "0":
             try:
-                fn = torch.compile(_decode_blocks, dynamic=True)
+                # static shapes: inductor vectorizes them ~2.7x better than dynamic ones here
+                # (22 vs 60 ms for 4096x4096 bf16); a model has few distinct weight shapes
+                fn = torch.compile(_decode_blocks, dynamic=False)
             except Exception:  # noqa: BLE001 - no compiler toolchain: stay eager
                 fn = None
         _COMPILED["fn"] = fn
