@@ -9,16 +9,13 @@ and writes ~0.52 bytes per weight; dequantize the reverse.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import platform
 
 import torch
 
 import nf4
 
-from .timing import bnb_available, median_time
+from .timing import bench_cli, bnb_available, median_time
 
 SHAPES = [(4096, 4096), (4096, 14336)]
 
@@ -77,18 +74,7 @@ def _markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    res = run(a.quick, a.device)
-    print(res["markdown"])
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "bench_quantize.json"), "w") as f:
-            json.dump({"rows": res["rows"], "meta": res["meta"]}, f, indent=2)
-
+    bench_cli(__doc__, run, "bench_quantize.json", argv)
 
 if __name__ == "__main__":
     main()

@@ -9,8 +9,6 @@ installed) and report its MSE and whether its codes equal ours bit for bit.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 
@@ -19,7 +17,7 @@ import torch
 import nf4
 from nf4.analysis import quantization_error
 
-from .timing import bnb_available
+from .timing import bench_cli, bnb_available
 
 QUANT_TYPES = ("nf2", "nf3", "nf4", "fp4", "int4")
 
@@ -168,19 +166,7 @@ def plot(rows: list[dict], path: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    res = run(a.quick, a.device)
-    print(res["markdown"])
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "quant_report.json"), "w") as f:
-            json.dump({"rows": res["rows"], "meta": res["meta"]}, f, indent=2)
-        plot(res["rows"], os.path.join(a.out, "quant_error.png"))
-
+    bench_cli(__doc__, run, "quant_report.json", argv, after=lambda res, out: plot(res["rows"], os.path.join(out, "quant_error.png")))
 
 if __name__ == "__main__":
     main()

@@ -36,3 +36,24 @@ def bnb_available() -> bool:
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return False
     return True
+
+
+def bench_cli(doc: str, run, json_name: str, argv: list[str] | None = None, after=None) -> None:
+    """The CLI every quantization benchmark shares: --quick, --device, --out DIR (JSON)."""
+    import argparse
+    import json
+    import os
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    res = run(a.quick, a.device)
+    print(res["markdown"])
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, json_name), "w") as f:
+            json.dump({"rows": res["rows"], "meta": res["meta"]}, f, indent=2)
+        if after is not None:
+            after(res, a.out)

@@ -49,3 +49,15 @@ def pytest_sessionstart(session):
                 missing.append(f"{mod} ({type(e).__name__}: {e})")
         if missing:
             pytest.exit(f"QLORA_REQUIRE_ORACLES=1 but oracles are missing: {missing}", returncode=3)
+
+
+# Property tests: random (and exploring) on a developer's machine, derandomized in CI so a
+# green main stays green; anything they find is pinned as a named example test.
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+_hyp_settings.register_profile("explore", max_examples=1000)
+if os.environ.get("CI"):
+    _hyp_settings.load_profile("ci")
+elif os.environ.get("HYPOTHESIS_PROFILE"):
+    _hyp_settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])

@@ -13,15 +13,6 @@ import kernels
 import lora
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from threads, and on a shared, loaded CPU OpenMP's spin-waits
-    make each small op 10-50x slower (measured): run this module single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_llama():
     transformers = pytest.importorskip("transformers")

@@ -17,15 +17,6 @@ import lora
 import nf4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from threads, and on a shared, loaded CPU OpenMP's spin-waits
-    make each small op 10-50x slower (measured): run this module single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float16: torch.finfo(torch.float16).eps,
        torch.bfloat16: torch.finfo(torch.bfloat16).eps}
 NF4_MAX_HALF_GAP = float((nf4.NF4[1:] - nf4.NF4[:-1]).max() / 2)  # largest rounding error, in absmax units

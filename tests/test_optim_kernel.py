@@ -15,15 +15,6 @@ import nf4
 from kernels import adamw as K
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: one intra-op thread is as fast, and on a shared CI CPU two
-    spinning OpenMP threads made the slowest test 4x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

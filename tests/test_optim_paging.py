@@ -19,15 +19,6 @@ from optim import cudart, paging
 from optim.paging import DeviceBackend, PageScheduler, RecordingBackend
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: one intra-op thread is as fast, and on a shared CI CPU two
-    spinning OpenMP threads made the slowest test 4x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 HAS_CUDA = torch.cuda.is_available()
 
