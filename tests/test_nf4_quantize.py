@@ -213,3 +213,21 @@ def test_double_quant_loses_small_block_scales_next_to_huge_ones():
     w = torch.cat([torch.full((1,), 1921.0), torch.ones(191)])
     q, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     assert torch.equal(bnbf.dequantize_4bit(q, st).view(-1), three.dequantize())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_compiled_code_search_equals_bucketize_including_ties(quant_type):
+    # Large CPU inputs count the midpoints below each value with a compiled, vectorized loop
+    # instead of torch.bucketize; both must give the same code for every value, ties included.
+    from nf4 import blockwise as B
+
+    code = nf4.get_codebook(quant_type)
+    mids, order = B._thresholds(tuple(code.tolist()), "cpu")
+    x = torch.rand(B._PIECE * 2 + 777) * 2 - 1
+    x[:15] = mids
+    x[B._PIECE + 3 : B._PIECE + 18] = mids  # ties inside the second compiled piece
+    x[-15:] = mids  # and in the eager remainder
+    x[20:24] = torch.tensor([-1.0, 1.0, 0.0, -0.0])
+    ref = torch.bucketize(x, mids, out_int32=True)
+    ref = order[ref] if order is not None else ref.to(torch.uint8)
+    assert torch.equal(B.codes_from_scaled(x, code), ref)
