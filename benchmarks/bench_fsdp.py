@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ from datetime import timedelta
 import torch
 
 from .report_util import fmt_bytes, md_table
+from .spawn import spawn_world
 
 # model sizes: (hidden, intermediate, layers, heads, kv_heads, vocab, seq, global batch)
 SIZES = {
@@ -168,29 +168,9 @@ def _spawned(rank: int, world: int, port: int, quick: bool, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn_world(world: int, quick: bool, timeout_s: float = 900) -> list[dict]:
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(_spawned, args=(world, _free_port(), quick, out), nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not ctx.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"bench_fsdp: the {world}-rank world did not finish in {timeout_s} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-        return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        return spawn_world(_spawned, world, (quick, out), out, timeout_s, what="bench_fsdp world")
 
 
 def _meta(device: str, quick: bool, world_note: str) -> dict:

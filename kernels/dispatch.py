@@ -54,16 +54,21 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def force_backend(name: str):
-    """Run the ops in this block on ``name`` ('auto', 'reference' or 'triton')."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    old = getattr(_state, "backend", "auto")
-    _state.backend = name
+def _forced(attr: str, name: str, allowed: tuple[str, ...]):
+    """Set a thread-local override for the block, restoring the previous one after."""
+    if name not in allowed:
+        raise ValueError(f"{attr} must be one of {allowed}, got {name!r}")
+    old = getattr(_state, attr, "auto")
+    setattr(_state, attr, name)
     try:
         yield
     finally:
-        _state.backend = old
+        setattr(_state, attr, old)
+
+
+def force_backend(name: str):
+    """Run the ops in this block on ``name`` ('auto', 'reference' or 'triton')."""
+    return _forced("backend", name, BACKENDS)
 
 
 def forced_regime() -> str:
@@ -71,15 +76,7 @@ def forced_regime() -> str:
     return getattr(_state, "regime", "auto")
 
 
-@contextlib.contextmanager
 def force_regime(name: str):
     """Force the Triton matmul regime: 'gemv' (split-K, small M), 'gemm' (in-loop dequant)
     or 'dequant_gemm' (dequantize once into a buffer, then GEMM). 'auto' picks by M."""
-    if name not in REGIMES:
-        raise ValueError(f"regime must be one of {REGIMES}, got {name!r}")
-    old = getattr(_state, "regime", "auto")
-    _state.regime = name
-    try:
-        yield
-    finally:
-        _state.regime = old
+    return _forced("regime", name, REGIMES)

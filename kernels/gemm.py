@@ -23,8 +23,7 @@ import triton
 import triton.language as tl
 
 from ._launch import MatmulProblem, launch_fitting
-from ._tl import (cast_out, dequant_elements, dequant_pairs, load_a_pairs, load_offset,
-                  lora_bias_epilogue, mma)
+from ._tl import cast_out, k_step, load_offset, lora_bias_epilogue
 
 __all__ = ["gemm_launch", "gemm_config"]
 
@@ -61,24 +60,9 @@ def _qgemm_kernel(
     offset = load_offset(offset_ptr, NESTED)
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        if PAIRED:  # one byte -> two weights (forward orientation, K even)
-            a_even, a_odd = load_a_pairs(a_ptr, offs_m, r0, M, R, stride_am, stride_ar, BLOCK_R)
-            w_hi, w_lo = dequant_pairs(w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset, r0, offs_p, R, P,
-                                       stride_wp, BLOCK_R // 2, BLOCKSIZE, NESTED, ROW_BLOCKS)
-            acc = mma(a_even, w_hi, acc, True, DOT_DTYPE, IEEE)
-            acc = mma(a_odd, w_lo, acc, True, DOT_DTYPE, IEEE)
-        else:  # any orientation: element-wise gather of the nibbles
-            r = r0 + offs_r
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + r[None, :] * stride_ar,
-                        mask=(offs_m[:, None] < M) & (r[None, :] < R), other=0.0)
-            w_mask = (r[:, None] < R) & (offs_p[None, :] < P)
-            w_idx = r[:, None] * stride_wr + offs_p[None, :] * stride_wp
-            if QUANTIZED:
-                w = dequant_elements(w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset, w_idx, w_mask,
-                                     BLOCKSIZE, NESTED)
-            else:
-                w = tl.load(w_ptr + w_idx, mask=w_mask, other=0.0)
-            acc = mma(a, w, acc, True, DOT_DTYPE, IEEE)
+        acc = k_step(acc, a_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset, r0, offs_m, offs_p, offs_r,
+                     M, P, R, stride_am, stride_ar, stride_wr, stride_wp,
+                     BLOCK_R, QUANTIZED, BLOCKSIZE, NESTED, PAIRED, ROW_BLOCKS, True, DOT_DTYPE, IEEE)
 
     acc = lora_bias_epilogue(acc, offs_m, offs_p, M, P, s_ptr, stride_sm, stride_sj, l_ptr, stride_lj, stride_lp,
                              RANK, scale, bias_ptr, seed_ptr, threshold, keep_scale,

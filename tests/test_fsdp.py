@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from datetime import timedelta
 
 import pytest
 import torch
 from torch import nn
+
+from benchmarks.spawn import spawn_world as _spawn
 
 import kernels
 import lora
@@ -306,29 +307,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn_world(out_dir: str, world: int = WORLD, timeout_s: float = WORLD_TIMEOUT_S) -> list[dict]:
     """Run ``_worker`` on ``world`` spawned processes; kill them (by pid) past ``timeout_s``."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world}-rank FSDP world did not finish within {timeout_s} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return _spawn(_worker, world, (out_dir,), out_dir, timeout_s, what="FSDP world")
 
 
 @pytest.fixture(scope="module")
