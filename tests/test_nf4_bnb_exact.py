@@ -112,7 +112,7 @@ def test_nearest_rounding_of_nested_absmax_is_an_honest_alternative():
     assert torch.equal(a.absmax, s.absmax)
 
 
-def test_bitsandbytes_cpu_dequantize_misreads_blocks_that_cross_rows():
+def test_bitsandbytes_avx512_dequantize_misreads_blocks_that_cross_rows():
     # Found while building this: bitsandbytes 0.50.2's CPU C kernel for dequantize_4bit
     # decodes 2-D weights row by row, so when the last dim is a multiple of 16 but not of the
     # blocksize (e.g. [64, 160] at blocksize 64), blocks that cross a row end get the wrong
@@ -126,6 +126,11 @@ def test_bitsandbytes_cpu_dequantize_misreads_blocks_that_cross_rows():
     torch_path = _dequantize_4bit_compute(q.reshape(-1), s.absmax, s.code, 64, w.shape, torch.float32)
     assert torch.equal(qt.dequantize(), torch_path)
     c_path = bnbf.dequantize_4bit(q, s)
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        # The misread is in the AVX-512 kernel only: on AVX2 machines (checked 2026-12-02 on an
+        # AMD EPYC without AVX-512) the C path decodes these blocks correctly.
+        assert torch.equal(c_path, torch_path)
+        return
     assert not torch.equal(c_path, torch_path)
     bound = s.absmax.max().item() * 0.2  # NF4's largest half-gap is 0.139 of absmax
     assert (qt.dequantize() - w).abs().max().item() < bound < (c_path - w).abs().max().item()
