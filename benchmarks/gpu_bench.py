@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +52,30 @@ DTYPE = torch.bfloat16
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def _setup(ctx: StepContext):
+@dataclass
+class _Run:
+    """What every timing step starts from."""
+
+    dev: torch.device
+    backend: contextlib.AbstractContextManager   # CPU: kernels' plain-PyTorch path
+    timed: Callable                               # timed(fn, graph=True) -> Timing
+    shapes: list                                  # [(N, K)]
+    bnb: object = None                            # bitsandbytes, or None when not importable
+    bnbf: object = None                           # bitsandbytes.functional
+
+
+def _start(ctx: StepContext, with_bnb: bool = True) -> _Run:
     import kernels
 
     dev = torch.device(ctx.device)
     # CPU: kernels' plain-PyTorch path, never the Triton interpreter (a test vehicle, not a runtime)
     backend = contextlib.nullcontext() if dev.type == "cuda" else kernels.force_backend("reference")
-    return dev, backend
+    reps = ctx.param("cpu_reps", 5)
+    run = _Run(dev, backend, lambda fn, graph=True: time_op(fn, dev, graph=graph, cpu_reps=reps),
+               [tuple(s) for s in ctx.param("shapes", MATMUL_SHAPES[:2] if ctx.quick else MATMUL_SHAPES)])
+    if with_bnb:
+        run.bnb, run.bnbf = _bnb(ctx)
+    return run
 
 
 def _bnb(ctx: StepContext):
@@ -78,9 +97,13 @@ def _ncopies(ctx: StepContext, dev: torch.device, nbytes: int) -> int:
     return n if dev.type == "cuda" else min(n, ctx.param("max_copies", CPU_MAX_COPIES))
 
 
-def _timer(ctx: StepContext, dev: torch.device):
-    reps = ctx.param("cpu_reps", 5)
-    return lambda fn, graph=True: time_op(fn, dev, graph=graph, cpu_reps=reps)
+def _nf4_copies(ctx: StepContext, dev: torch.device, w: torch.Tensor, extra_bytes: int = 0) -> list:
+    """NF4 + DQ quantizations of ``w`` (identical), enough to rotate the working set out of L2."""
+    import nf4
+
+    first = nf4.quantize(w, "nf4", 64, True)
+    n = _ncopies(ctx, dev, first.nbytes() + extra_bytes)
+    return [first] + [nf4.quantize(w, "nf4", 64, True) for _ in range(n - 1)]
 
 
 def _weight(N: int, K: int, dev: torch.device, seed: int) -> torch.Tensor:
@@ -136,19 +159,15 @@ def _free_memory(dev: torch.device) -> None:
 def matmul(ctx: StepContext) -> dict:
     """Forward (no grad) and forward + backward (dx) of ``x @ W^T`` per shape and M."""
     import kernels
-    import nf4
 
-    dev, backend = _setup(ctx)
-    bnb, bnbf = _bnb(ctx)
-    timed = _timer(ctx, dev)
-    shapes = ctx.param("shapes", MATMUL_SHAPES[:2] if ctx.quick else MATMUL_SHAPES)
+    run = _start(ctx)
+    dev, bnb, bnbf, timed = run.dev, run.bnb, run.bnbf, run.timed
     ms = ctx.param("ms", MATMUL_MS)
-    with backend:
-        for si, (N, K) in enumerate(shapes):
+    with run.backend:
+        for si, (N, K) in enumerate(run.shapes):
             w = _weight(N, K, dev, seed=si)
-            qt0 = nf4.quantize(w, "nf4", 64, True)
-            qbytes = qt0.nbytes()
-            qts = [qt0] + [nf4.quantize(w, "nf4", 64, True) for _ in range(_ncopies(ctx, dev, qbytes) - 1)]
+            qts = _nf4_copies(ctx, dev, w)
+            qt0, qbytes = qts[0], qts[0].nbytes()
             bnbs = [bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
                     for _ in range(len(qts))] if bnb else []
             dense = [w] + [w.clone() for _ in range(_ncopies(ctx, dev, 2 * N * K) - 1)]
@@ -231,17 +250,15 @@ def dequant(ctx: StepContext) -> dict:
     import kernels
     import nf4
 
-    dev, backend = _setup(ctx)
-    bnb, bnbf = _bnb(ctx)
-    timed = _timer(ctx, dev)
-    shapes = ctx.param("shapes", MATMUL_SHAPES[:2] if ctx.quick else MATMUL_SHAPES)
+    run = _start(ctx)
+    dev, bnb, bnbf, timed = run.dev, run.bnb, run.bnbf, run.timed
     inexact = []
-    with backend:
-        for si, (N, K) in enumerate(shapes):
+    with run.backend:
+        for si, (N, K) in enumerate(run.shapes):
             w = _weight(N, K, dev, seed=si)
-            qt0 = nf4.quantize(w, "nf4", 64, True)
+            qts = _nf4_copies(ctx, dev, w, extra_bytes=2 * N * K)     # reads the codes, writes bf16
+            qt0 = qts[0]
             nbytes = qt0.nbytes() + 2 * N * K
-            qts = [qt0] + [nf4.quantize(w, "nf4", 64, True) for _ in range(_ncopies(ctx, dev, nbytes) - 1)]
             ref = nf4.dequantize(qt0, DTYPE)
             row = {"N": N, "K": K, "kernel": "dequant", "copies": len(qts),
                    "ours_exact": bool(torch.equal(kernels.dequantize(qt0, DTYPE), ref))}
@@ -273,16 +290,15 @@ def lora(ctx: StepContext) -> dict:
 
     from .bench_lora import _peft_bnb_available, build
 
-    dev, backend = _setup(ctx)
-    timed = _timer(ctx, dev)
-    shapes = ctx.param("shapes", MATMUL_SHAPES[:2] if ctx.quick else MATMUL_SHAPES)
+    run = _start(ctx, with_bnb=False)
+    dev, timed = run.dev, run.timed
     M, r = ctx.param("M", LORA_M), ctx.param("r", LORA_R)
     providers = ["peft_bnb", "lora16", "qlora"]
     if ctx.param("no_bnb", False) or not _peft_bnb_available():
         providers.remove("peft_bnb")
         ctx.note("peft + bitsandbytes not importable: no peft+bnb column")
-    with backend:
-        for si, (N, K) in enumerate(shapes):
+    with run.backend:
+        for si, (N, K) in enumerate(run.shapes):
             g = torch.Generator(device=dev).manual_seed(si)
             weight = (torch.randn(N, K, generator=g, device=dev) / math.sqrt(K)).cpu()  # build() takes CPU fp32
             x = torch.randn(M, K, generator=g, device=dev).to(DTYPE).requires_grad_(True)
@@ -351,9 +367,8 @@ def _optim_providers(dev: torch.device, bnb) -> list[tuple]:
 
 def optim_step(ctx: StepContext) -> dict:
     """Step time per optimizer and size: state resident, and state paged to the host first."""
-    dev, _ = _setup(ctx)
-    bnb, _ = _bnb(ctx)
-    timed = _timer(ctx, dev)
+    run = _start(ctx)
+    dev, bnb, timed = run.dev, run.bnb, run.timed
     sizes = ctx.param("sizes", OPTIM_SIZES[:1] if ctx.quick else OPTIM_SIZES)
     for n_tensors, numel in sizes:
         n_params = n_tensors * numel
@@ -402,17 +417,14 @@ def optim_step(ctx: StepContext) -> dict:
 def regimes(ctx: StepContext) -> dict:
     """``nf4_matmul`` with each regime forced, per shape and M: where the crossovers belong."""
     import kernels
-    import nf4
 
-    dev, backend = _setup(ctx)
-    timed = _timer(ctx, dev)
-    shapes = ctx.param("shapes", MATMUL_SHAPES[:2] if ctx.quick else MATMUL_SHAPES)
+    run = _start(ctx, with_bnb=False)
+    dev, timed = run.dev, run.timed
     ms = ctx.param("ms", REGIME_MS)
-    with backend:
-        for si, (N, K) in enumerate(shapes):
+    with run.backend:
+        for si, (N, K) in enumerate(run.shapes):
             w = _weight(N, K, dev, seed=si)
-            qt0 = nf4.quantize(w, "nf4", 64, True)
-            qts = [qt0] + [nf4.quantize(w, "nf4", 64, True) for _ in range(_ncopies(ctx, dev, qt0.nbytes()) - 1)]
+            qts = _nf4_copies(ctx, dev, w)
             for M in ms:
                 x = torch.randn(M, K, device=dev).to(DTYPE)
                 row = {"N": N, "K": K, "M": M, "auto_regime": regime_of(M)}

@@ -240,6 +240,45 @@ def test_timing_quantiles_rotation_and_fields():
         gpu_timing.copies_for(0)
 
 
+def test_cuda_timer_falls_back_to_do_bench_with_enough_samples(monkeypatch):
+    """The CUDA branch's control flow with triton's timers and CUDA events stubbed (no GPU here):
+    a failed capture is noted and the op is timed eagerly over at least MIN_EAGER_SAMPLES calls."""
+    import triton.testing as tt
+
+    def no_capture(fn, rep, quantiles):
+        fn()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    seen = {}
+
+    def do_bench(fn, warmup, rep, quantiles):
+        seen.update(rep=rep, quantiles=quantiles)
+        return [2.0, 1.5, 3.0]
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 50.0                                                   # one call takes 50 ms
+
+    monkeypatch.setattr(tt, "do_bench_cudagraph", no_capture)
+    monkeypatch.setattr(tt, "do_bench", do_bench)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    calls = []
+    t = gpu_timing.time_op(lambda: calls.append(1), torch.device("cuda"))
+    assert t.timer == "do_bench" and "graph capture failed (RuntimeError: operation not permitted" in t.note
+    assert (t.median_us, t.q25_us, t.q75_us) == (2000.0, 1500.0, 3000.0) and t.iqr_us == 1500.0
+    assert seen == {"rep": gpu_timing.MIN_EAGER_SAMPLES * 50.0, "quantiles": [0.5, 0.25, 0.75]}
+    monkeypatch.setattr(tt, "do_bench_cudagraph", lambda fn, rep, quantiles: [0.01, 0.009, 0.012])
+    t = gpu_timing.time_op(lambda: None, torch.device("cuda"))
+    assert t.timer == "cudagraph" and t.median_us == pytest.approx(10.0) and t.note is None
+
+
 # ---- the real steps, at tiny sizes on CPU --------------------------------------------------------------
 def _ctx(tmp_path, step, **params):
     return StepContext(step, tmp_path, "cpu", params={"cpu_reps": 3, **params})
