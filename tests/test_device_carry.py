@@ -77,6 +77,9 @@ def test_export_fp16_casts_floats_copies_files_and_rejects_overflow(tmp_path):
 
 
 def test_device_call_and_what_travels():
+    from benchmarks import gpu_suite
+
+    assert dc.DEVICE_COMMAND == gpu_suite.DEVICE_COMMAND                  # one command, printed by both
     call = dc.device_call()
     assert call["carry"] == [".carry"] and call["command"].count("python3 -m benchmarks.gpu_suite") == 1
     assert len(call["command"]) <= dc.COMMAND_LIMIT and " python " not in f" {call['command']} "
