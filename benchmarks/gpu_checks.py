@@ -25,6 +25,20 @@ import torch
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
 
 
+class _Rows(list):
+    """The check's result list; each appended row also goes to ``emit`` (the GPU suite writes it
+    to its JSONL at once, so a check cut short keeps the rows it finished)."""
+
+    def __init__(self, emit=None) -> None:
+        super().__init__()
+        self.emit = emit
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.emit is not None:
+            self.emit(row)
+
+
 def _bound(dtype: torch.dtype, length: int, magnitude: torch.Tensor) -> torch.Tensor:
     return (2 * UNIT_ROUNDOFF[dtype] + length * 2.0 ** -24) * magnitude + 1e-30
 
@@ -41,12 +55,13 @@ def _verdict(got: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor | None) -
             "worst_ratio": ratio}
 
 
-def check_dequantize(device, shapes=((1031, 777), (4096, 4096)), dtypes=(torch.bfloat16, torch.float16, torch.float32)):
+def check_dequantize(device, shapes=((1031, 777), (4096, 4096)), dtypes=(torch.bfloat16, torch.float16, torch.float32),
+                     emit=None):
     """``kernels.dequantize`` equals ``nf4``'s reference bit for bit (nf4/fp4 x DQ x blocksize)."""
     import kernels
     import nf4
 
-    out = []
+    out = _Rows(emit)
     g = torch.Generator(device="cpu").manual_seed(0)
     for shape in shapes:
         w = (torch.randn(*shape, generator=g) * 0.02).to(device)
@@ -81,7 +96,7 @@ def _lora_problem(M, N, K, r, dtype, device, bias, g, layout="2d"):
 
 
 def check_qlora_linear(device, dtype=torch.bfloat16, cases=None, regimes=("auto", "gemv", "gemm", "dequant_gemm"),
-                       scale=2.0, seed=1234):
+                       scale=2.0, seed=1234, emit=None):
     """Forward and every gradient (dx, dA, dB) of ``kernels.qlora_linear`` against a float32
     autograd reference on the same inputs, for every matmul regime.
 
@@ -100,7 +115,7 @@ def check_qlora_linear(device, dtype=torch.bfloat16, cases=None, regimes=("auto"
         (1024, 4096, 14336, 16, False, "2d"), (4096, 4096, 4096, 0, False, "2d"),
         (33, 1031, 777, 16, True, "3d", 0.1), (2048, 4096, 4096, 16, False, "2d", 0.05),
     ]
-    out = []
+    out = _Rows(emit)
     g = torch.Generator(device="cpu").manual_seed(1)
     for M, N, K, r, bias, layout, *rest in cases:
         p = rest[0] if rest else 0.0
@@ -155,7 +170,8 @@ def check_qlora_linear(device, dtype=torch.bfloat16, cases=None, regimes=("auto"
     return out
 
 
-def check_paged_adamw(device, numels=(1 << 20, 4096 + 17, 300), steps=20, quad_numel=1 << 16, quad_steps=200):
+def check_paged_adamw(device, numels=(1 << 20, 4096 + 17, 300), steps=20, quad_numel=1 << 16, quad_steps=200,
+                      emit=None):
     """PagedAdamW (32-bit state, paged) against torch.optim.AdamW on float32 params: relative
     difference <= 1e-5 (different but exact-in-math update order); paging out between steps is
     bit-identical to an unpaged run; on a quadratic, 8-bit state achieves the 32-bit state's
@@ -184,7 +200,7 @@ def check_paged_adamw(device, numels=(1 << 20, 4096 + 17, 300), steps=20, quad_n
     paged_out = train(lambda ps: optim.PagedAdamW(ps, paged=True, state_bits=32, **hp), page_out=True)
     unpaged = train(lambda ps: optim.PagedAdamW(ps, paged=False, state_bits=32, **hp))
     secs = time.perf_counter() - t0
-    out = []
+    out = _Rows(emit)
     for i, n in enumerate(numels):
         rel = float(((paged[i] - ref[i]).abs() / ref[i].abs().clamp_min(1e-3)).max())
         out.append({"check": "PagedAdamW vs torch AdamW", "case": f"numel={n} steps={steps}", "ok": rel <= 1e-5,

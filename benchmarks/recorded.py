@@ -1,8 +1,9 @@
 """Recorded results: the GPU numbers committed under ``benchmarks/results/``, with date and device.
 
-Each result is a JSON file (and usually a markdown file with the same stem) written by
-``benchmarks/gpu_suite.py`` or a benchmark run on the GPU machine. Metadata is read from the
-JSON (``benchmark``, ``date``, ``gpu``/``device``, ``torch``, ``triton``); for every benchmark
+Each result is a JSON file (and usually a markdown file with the same stem) written by a
+benchmark run on the GPU machine, or a ``gpu_<date>.jsonl`` of ``benchmarks/gpu_suite.py``.
+Metadata is read from the JSON (``benchmark``, ``date``, ``gpu``/``device``, ``torch``, ``triton``;
+for a JSONL, from its device record); for every benchmark
 only the latest file is shown. The git commit date is added when git knows the file, and a file
 git does not track is labelled "not committed".
 """
@@ -39,12 +40,27 @@ def _git_date(path: Path) -> str | None:
     return out.stdout.strip() or None
 
 
+def _read_jsonl(path: Path) -> dict:
+    """A GPU suite run (``gpu_suite.jsonl``: one record a line) as one result: its device record
+    (``kind: env``) gives date, device and versions."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short when the run was killed
+    env = next((r for r in records if isinstance(r, dict) and r.get("kind") == "env"), {})
+    plan = next((r for r in records if isinstance(r, dict) and r.get("kind") == "plan"), {})
+    return {"benchmark": "gpu_suite", "date": env.get("date") or plan.get("date"), "environment": env}
+
+
 def collect(results_dir: Path = RESULTS_DIR) -> list[dict]:
     """The latest result per benchmark: name, date, device, versions, markdown, commit date."""
     latest: dict[str, dict] = {}
-    for path in sorted(results_dir.glob("*.json")) if results_dir.exists() else []:
+    paths = sorted(results_dir.glob("*.json")) + sorted(results_dir.glob("*.jsonl")) if results_dir.exists() else []
+    for path in paths:
         try:
-            data = json.loads(path.read_text())
+            data = _read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text())
         except (json.JSONDecodeError, OSError) as e:
             latest[path.stem] = {"benchmark": path.stem, "file": path.name, "error": f"unreadable: {e}"}
             continue
@@ -74,8 +90,8 @@ def run(quick: bool, device: str) -> dict:
     rows = collect()
     if not rows:
         return {"rows": [], "markdown": f"No recorded GPU results yet (nothing under {RESULTS_DIR.name}/). "
-                "Run `python -m benchmarks.gpu_suite --out DIR` on a GPU machine and commit its files to "
-                "benchmarks/results/."}
+                "Run `python3 -m benchmarks.gpu_suite --out DIR` on a GPU machine and commit its gpu_suite.jsonl "
+                "and .md to benchmarks/results/ as gpu_<date>.jsonl / .md."}
     md = []
     for r in rows:
         if "error" in r:

@@ -119,6 +119,17 @@ def test_recorded_results_latest_per_benchmark(tmp_path):
     assert rows[0]["markdown"].startswith("# GPU suite") and rows[0]["committed"] is None
 
 
+def test_recorded_results_read_a_gpu_suite_jsonl(tmp_path):
+    lines = [{"kind": "plan", "date": "2026-12-05 10:00:00 UTC"},
+             {"kind": "env", "date": "2026-12-05 10:00:03 UTC", "gpu": "NVIDIA H200", "torch": "2.11.0",
+              "triton": "3.6.0"}, {"kind": "row", "step": "matmul", "ours_us": 8.0}]
+    (tmp_path / "gpu_2026-12-05.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"kind": "ro')
+    (tmp_path / "gpu_2026-12-05.md").write_text("# GPU suite: NVIDIA H200")
+    (row,) = recorded.collect(tmp_path)
+    assert row["benchmark"] == "gpu_suite" and row["device"] == "NVIDIA H200" and row["triton"] == "3.6.0"
+    assert row["date"].startswith("2026-12-05") and row["markdown"].startswith("# GPU suite")
+
+
 def test_recorded_section_says_when_there_is_nothing(monkeypatch, tmp_path):
     monkeypatch.setattr(recorded, "RESULTS_DIR", tmp_path / "none")
     assert "No recorded GPU results" in recorded.run(quick=True, device="cpu")["markdown"]
