@@ -371,3 +371,85 @@ def decode8_prmt_scaled(w, p0, p1, p2, p3, p4, p5, p6, p7, am2, DTYPE: tl.conste
                                       pack=1)
     return join8(_lo16(o[0], DTYPE), _hi16(o[0], DTYPE), _lo16(o[1], DTYPE), _hi16(o[1], DTYPE),
                  _lo16(o[2], DTYPE), _hi16(o[2], DTYPE), _lo16(o[3], DTYPE), _hi16(o[3], DTYPE))
+
+
+# ---- a self-check on the GPU -------------------------------------------------------------------
+# The asm decoders are proven on CPU against an emulator of the PTX they are generated from; the
+# GPU runs them once per device against the plain decoder before any kernel may use them, and a
+# mismatch switches that device to the plain decoder (with a warning) instead of a wrong result.
+ASSUME_VERIFIED = False  # tools/perf_model.py sets it: its stand-in driver compiles, never runs
+_verified: dict = {}
+
+
+@triton.jit
+def _probe_kernel(w_ptr, code_ptr, am_ptr, out_ptr, n, BLOCK: tl.constexpr, DECODE: tl.constexpr,
+                  DTYPE: tl.constexpr):
+    """``out[i, e]`` = element e of word i decoded with DECODE (float32; 16-bit for prmt)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    w = tl.load(w_ptr + i, mask=ok, other=0)
+    if DECODE == "shfl":
+        v = decode8_shfl(w, lane_table(code_ptr, w))
+    elif DECODE == "prmt":
+        p0, p1, p2, p3, p4, p5, p6, p7 = prmt_planes(code_ptr, DTYPE)
+        am = tl.load(am_ptr + i, mask=ok, other=1.0)
+        v = decode8_prmt_scaled(w, p0, p1, p2, p3, p4, p5, p6, p7, pair16(am, DTYPE)[:, None], DTYPE).to(tl.float32)
+    else:
+        v = decode8_table(w, code_ptr)
+    tl.store(out_ptr + i[:, None] * 8 + tl.arange(0, 8)[None, :], v, mask=ok[:, None])
+
+
+def probe(device, code, words, absmax, decoder: str, dtype=None):
+    """Run ``decoder`` on ``words`` (int32) with table ``code`` on ``device``: ``[n, 8]`` float32."""
+    import torch
+
+    n = words.numel()
+    out = torch.empty((n, 8), dtype=torch.float32, device=device)
+    dt = {None: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    _probe_kernel[(-(-n // 128),)](words, code, absmax, out, n, BLOCK=128, DECODE=decoder, DTYPE=dt)
+    return out
+
+
+def probe_expected(code, words, absmax, decoder: str, dtype=None):
+    """What ``probe`` must return, from the table in torch (the specification)."""
+    import torch
+
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    codes = torch.stack([(w >> (4 * (e ^ 1))) & 15 for e in range(8)], dim=1)
+    levels = code.float()[codes]
+    if decoder == "prmt":
+        return (levels.to(dtype) * absmax.to(dtype)[:, None]).float()
+    return levels
+
+
+def verified(device, code) -> bool:
+    """Whether the asm decoders give exactly the plain decoder's values on ``device`` for the table
+    ``code`` (checked once per device and table; True off the GPU)."""
+    import warnings
+
+    import torch
+
+    if device.type != "cuda" or ASSUME_VERIFIED:
+        return True
+    key = (device, code.data_ptr())
+    if key not in _verified:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        every = torch.tensor([sum(((c + e) % 16) << (4 * e) for e in range(8)) for c in range(16)], dtype=torch.int64)
+        rand = torch.randint(0, 2**32, (4080,), generator=g, dtype=torch.int64)
+        words = torch.cat([every, rand]).to(torch.int32).to(device)  # wraps to int32: the same 32 bits
+        am = (torch.rand(words.numel(), generator=g) * 3 + 1e-3).to(device)
+        ok = True
+        try:
+            ok = torch.equal(probe(device, code, words, am, "shfl"), probe_expected(code, words, am, "shfl"))
+            for dt in (torch.bfloat16, torch.float16):
+                ok = ok and torch.equal(probe(device, code, words, am, "prmt", dt),
+                                        probe_expected(code, words, am, "prmt", dt))
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use the asm decoders here
+            warnings.warn(f"kernels: asm decoders unavailable on {device} ({type(e).__name__}: {e}); "
+                          "using the plain Triton decoder", RuntimeWarning, stacklevel=3)
+            ok = False
+        if not ok:
+            warnings.warn(f"kernels: the asm 4-bit decoders disagree with the plain decoder on {device}; using "
+                          "the plain Triton decoder (slower, exact). Please report this.", RuntimeWarning, stacklevel=3)
+        _verified[key] = ok
+    return _verified[key]

@@ -23,10 +23,26 @@ from ._tl import manual_bf16, tl_dtype
 from .dispatch import interpreting
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side launch arithmetic (``triton.cdiv`` is a JIT-aware wrapper that
+    costs tens of microseconds per call from Python)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), host side."""
+    return 1 << (n - 1).bit_length()
+
+
+_NULL = contextlib.nullcontext()
+
+
 def device_guard(t: torch.Tensor):
     """Make ``t``'s GPU the current one: Triton launches on the current device, which need not
-    be the tensors' (e.g. a model spread over several GPUs)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    be the tensors' (e.g. a model spread over several GPUs). A no-op when it already is."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return _NULL
+    return torch.cuda.device(t.device)
 
 
 def launch_fitting(kernel, grid, args: list, kwargs: dict) -> None:
@@ -109,7 +125,7 @@ class MatmulProblem:
         nested = self.state[3] is not None
         return dict(
             BLOCKSIZE=self.blocksize, NESTED=nested,
-            HAS_LORA=self.lora_s is not None, BLOCK_RANK=max(16, triton.next_power_of_2(max(rank, 1))),
+            HAS_LORA=self.lora_s is not None, BLOCK_RANK=max(16, next_pow2(max(rank, 1))),
             HAS_DROPOUT=self.seed is not None and self.p > 0, HAS_BIAS=self.bias is not None,
             DOT_DTYPE=tl_dtype(torch.float32 if fp32_dot else dtype), IEEE=fp32_dot,
             OUT_DTYPE=tl_dtype(out_dtype), MANUAL_BF16=manual_bf16(out_dtype, interp),

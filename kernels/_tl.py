@@ -163,12 +163,17 @@ def manual_bf16(dtype, interpret: bool) -> bool:
     return interpret and dtype == torch.bfloat16
 
 
+_TL_DTYPES: dict = {}
+
+
 def tl_dtype(dtype):
     """The Triton element type of a torch floating dtype."""
-    import torch
+    if not _TL_DTYPES:
+        import torch
 
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-            torch.float64: tl.float64}[dtype]
+        _TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                           torch.float64: tl.float64})
+    return _TL_DTYPES[dtype]
 
 
 @triton.jit

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._decode import decode8_shfl, decode8_table, lane_table
-from ._launch import device_guard
+from ._decode import decode8_shfl, decode8_table, lane_table, verified
+from ._launch import cdiv, device_guard
 from ._tl import cast_out, decode_absmax, load_offset, manual_bf16, tl_dtype
 from .dispatch import interpreting, use_triton
 from .state import check_quantized, quant_state
@@ -105,15 +105,17 @@ def dequantize_launch(data, absmax, code, nested_absmax, nested_code, offset, nu
     nested = nested_absmax is not None
     if numel % blocksize == 0 and blocksize % 8 == 0 and data.data_ptr() % 4 == 0 and dtype != torch.float64:
         cfg = dequant_config(numel, blocksize, data.device)
+        if cfg["DECODE"] != "table" and not verified(data.device, code):
+            cfg["DECODE"] = "table"
         n_blocks = numel // blocksize
         with device_guard(data):
-            _dequant_blocks_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
+            _dequant_blocks_kernel[(cdiv(n_blocks, cfg["NB"]),)](
                 data.reshape(-1).view(torch.int32), absmax, code,
                 nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else code,
                 out, n_blocks, BLOCKSIZE=blocksize, NESTED=nested, OUT_DTYPE=tl_dtype(dtype),
                 MANUAL_BF16=manual_bf16(dtype, interpreting()), enable_fp_fusion=False, **cfg)
         return out
-    grid = (triton.cdiv((numel + 1) // 2, BLOCK_BYTES),)
+    grid = (cdiv((numel + 1) // 2, BLOCK_BYTES),)
     with device_guard(data):
         _dequant_kernel[grid](
             data, absmax, code,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import MatmulProblem, launch_fitting
+from ._launch import MatmulProblem, cdiv, launch_fitting
 from ._tl import cast_out, k_step, load_offset, lora_bias_epilogue
 
 __all__ = ["gemm_launch", "gemm_config"]
@@ -98,7 +98,7 @@ def gemm_launch(prob: MatmulProblem, out_dtype: torch.dtype, config: dict | None
         # sm_90, 3-4 stages need up to 376 KB of shared memory, over the 227 KB an H100/H200
         # block may use; 2 stages need <= 164 KB (ROW_BLOCKS: <= 200 KB as configured).
         cfg["num_stages"] = min(cfg["num_stages"], 2)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(P, cfg["BLOCK_P"]),)
     launch_fitting(
         _qgemm_kernel, grid,
         [*prob.pointer_args(), out, *prob.scalar_args(), out.stride(0), out.stride(1)],

@@ -42,14 +42,15 @@ Layers: kernels -> ``gemv_launch`` (called by ``kernels.matmul``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import torch
 import triton
 import triton.language as tl
 
-from ._decode import decode8_prmt_scaled, decode8_shfl, decode8_table, lane_table, pair16, prmt_planes
-from ._launch import device_guard
+from ._decode import decode8_prmt_scaled, decode8_shfl, decode8_table, lane_table, pair16, prmt_planes, verified
+from ._launch import cdiv, device_guard, next_pow2
 from ._tl import cast_out, lora_bias_epilogue, manual_bf16, tl_dtype
 from .dispatch import interpreting
 
@@ -301,27 +302,36 @@ _counters: dict = {}
 def gemv_config(kind: str, M: int, N: int, K: int, device: torch.device) -> dict:
     """Tiles, split and warps. The GPU values are chosen with ``tools/perf_model.py`` (issue, MIO and
     register budget of each candidate on the H200); the interpreter uses small tiles so CI shapes
-    cross every boundary (row tails, several k-slices and splits)."""
-    cpu = device.type != "cuda"
+    cross every boundary (row tails, several k-slices and splits). Memoized: it runs every call."""
+    return dict(_config(kind, M, N, K, device.type == "cuda"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _config(kind: str, M: int, N: int, K: int, gpu: bool) -> tuple:
+    return tuple(_make_config(kind, M, N, K, gpu).items())
+
+
+def _make_config(kind: str, M: int, N: int, K: int, gpu: bool) -> dict:
+    cpu = not gpu
     decode = "table" if cpu else ("shfl" if kind == "fma" else "prmt")
     if kind == "fma":
         if cpu:
-            return dict(TK=2, BLOCK_N=8, rows_per_cta=16, SLICES=triton.cdiv(K, 128), DECODE=decode, num_warps=1)
+            return dict(TK=2, BLOCK_N=8, rows_per_cta=16, SLICES=cdiv(K, 128), DECODE=decode, num_warps=1)
         tk, block_n, warps, per_sm = 2, 128, 4, 4  # 128 registers: 4 programs of 4 warps per SM
-        slices = triton.cdiv(K, 64 * tk)
+        slices = cdiv(K, 64 * tk)
         slots = per_sm * _SMS
         # the fewest row groups that fill one wave of programs (never a second, nearly empty one)
-        groups = max(1, min(triton.cdiv(N, block_n), slots // slices))
-        rows = triton.cdiv(triton.cdiv(N, groups), block_n) * block_n
+        groups = max(1, min(cdiv(N, block_n), slots // slices))
+        rows = cdiv(cdiv(N, groups), block_n) * block_n
         return dict(TK=tk, BLOCK_N=block_n, rows_per_cta=rows, SLICES=slices, DECODE=decode, num_warps=warps)
     if cpu:
         block_n, warps, split = 16, 1, min(2, K // GROUP)
     else:
         block_n, warps = 256, 8  # one program per SM (175 registers); 64 KB of weights per K step
-        tiles = triton.cdiv(N, block_n)
+        tiles = cdiv(N, block_n)
         split = max(1, min(K // GROUP // 4, _SMS // tiles))
-    k_per_split = triton.cdiv(K // GROUP, split) * GROUP
-    split = triton.cdiv(K, k_per_split)
+    k_per_split = cdiv(K // GROUP, split) * GROUP
+    split = cdiv(K, k_per_split)
     return dict(BLOCK_N=block_n, SPLIT=split, k_per_split=k_per_split, DECODE=decode, num_warps=warps,
                 **({} if cpu else {"num_stages": 1}))
 
@@ -356,8 +366,10 @@ def gemv_launch(x: torch.Tensor, state: tuple, n: int, k: int, blocksize: int, l
     forced = getattr(_state, "decoder", "auto")
     if forced != "auto":
         cfg["DECODE"] = forced
+    elif cfg["DECODE"] != "table" and not verified(dev, code):
+        cfg["DECODE"] = "table"
     rank = 0 if lora_s is None else lora_s.shape[1]
-    block_rank = max(16, triton.next_power_of_2(max(rank, 1)))
+    block_rank = max(16, next_pow2(max(rank, 1)))
     interp = interpreting()
     common = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=lora_s is not None,
                   BLOCK_RANK=block_rank, HAS_BIAS=bias is not None, OUT_DTYPE=tl_dtype(out_dtype),
@@ -370,7 +382,7 @@ def gemv_launch(x: torch.Tensor, state: tuple, n: int, k: int, blocksize: int, l
         if kind == "fma":
             slices = cfg.pop("SLICES")
             rows = cfg.pop("rows_per_cta")
-            groups = triton.cdiv(n, rows)
+            groups = cdiv(n, rows)
             ws = torch.empty((slices, n), dtype=torch.float32, device=dev) if slices > 1 else out
             count = _count_buffer(dev, groups)
             _gemv_fma_kernel[(slices, groups)](
@@ -383,7 +395,7 @@ def gemv_launch(x: torch.Tensor, state: tuple, n: int, k: int, blocksize: int, l
         else:
             split = cfg.pop("SPLIT")
             k_per_split = cfg.pop("k_per_split")
-            tiles = triton.cdiv(n, cfg["BLOCK_N"])
+            tiles = cdiv(n, cfg["BLOCK_N"])
             ws = torch.empty((split, M, n), dtype=torch.float32, device=dev) if split > 1 else out
             count = _count_buffer(dev, tiles)
             ieee = interp or x.dtype == torch.float32

@@ -36,7 +36,7 @@ from .dropout import dropout_op
 from .gemm import gemm_launch
 from .gemv import GEMV_MAX_M, gemv_kind, gemv_launch
 
-__all__ = ["GEMV_MAX_M", "DEQUANT_ONCE_MIN_M", "choose_regime", "nf4_linear_op", "nf4_linear_dx_op"]
+__all__ = ["GEMV_MAX_M", "DEQUANT_ONCE_MIN_M", "choose_regime", "nf4_linear", "nf4_linear_op", "nf4_linear_dx_op"]
 
 # Training-size batches go to dequantize-once + cuBLAS (tools/perf_model.py predicts the crossover).
 DEQUANT_ONCE_MIN_M = 1024
@@ -65,8 +65,7 @@ def _dense_w(state, n, k, blocksize, dtype):
     return reference.dequantize_packed(*state, n * k, blocksize, reference.compute_dtype(dtype)).view(n, k)
 
 
-@torch.library.custom_op("qlora::nf4_linear", mutates_args=())
-def nf4_linear_op(
+def nf4_linear(
     x: torch.Tensor,
     data: torch.Tensor,
     absmax: torch.Tensor,
@@ -82,7 +81,9 @@ def nf4_linear_op(
     scale: float,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``y = x Wᵀ + scale * S Bᵀ + bias`` for ``x: [M, K]`` -> ``[M, N]`` in x.dtype."""
+    """``y = x Wᵀ + scale * S Bᵀ + bias`` for ``x: [M, K]`` -> ``[M, N]`` in x.dtype (the body of
+    ``qlora::nf4_linear``; eager inference calls it directly: a torch.library dispatch costs more
+    than the whole decode-size launch)."""
     state = (data, absmax, code, nested_absmax, nested_code, offset)
     if not use_triton(x):
         return reference.linear_forward(x, _dense_w(state, n, k, blocksize, x.dtype), lora_s, lora_B, scale, bias)
@@ -107,6 +108,28 @@ def nf4_linear_op(
         scale=scale, bias=bias.contiguous() if bias is not None else None,  # the kernel reads bias[p]
     )
     return gemm_launch(prob, x.dtype)
+
+
+@torch.library.custom_op("qlora::nf4_linear", mutates_args=())
+def nf4_linear_op(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    n: int,
+    k: int,
+    blocksize: int,
+    lora_s: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    scale: float,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``y = x Wᵀ + scale * S Bᵀ + bias`` for ``x: [M, K]`` -> ``[M, N]`` in x.dtype."""
+    return nf4_linear(x, data, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, lora_s, lora_B,
+                      scale, bias)
 
 
 @nf4_linear_op.register_fake

@@ -22,7 +22,7 @@ import torch
 from . import reference
 from .dispatch import check_device
 from .dropout import dropout_op, new_seed
-from .matmul import nf4_linear_dx_op, nf4_linear_op
+from .matmul import nf4_linear, nf4_linear_dx_op, nf4_linear_op
 from .state import quant_state, weight_dims
 
 __all__ = ["qlora_linear", "nf4_matmul", "QLoRALinearFunction"]
@@ -170,9 +170,11 @@ def qlora_linear(
         t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
     if needs_grad:
         y = QLoRALinearFunction.apply(x2, lora_A, lora_B, bias, *state, seed_t, n, k, qt.blocksize, float(scale), p)
-    else:  # inference: the same ops, without autograd bookkeeping (decode is launch-bound)
+    else:  # inference: the same math without autograd bookkeeping, and, in eager mode, without the
+        # torch.library dispatch (decode is launch-bound: tools/perf_model.py reports the host cost)
         s = None if lora_A is None else _lora_down(x2, lora_A, seed_t, p)[1]
-        y = nf4_linear_op(x2, *state, n, k, qt.blocksize, s, lora_B, float(scale), bias)
+        linear = nf4_linear_op if torch.compiler.is_compiling() else nf4_linear
+        y = linear(x2, *state, n, k, qt.blocksize, s, lora_B, float(scale), bias)
     return y.view(*lead, n)
 
 

@@ -102,3 +102,15 @@ def test_ptx_text_has_one_instruction_per_program_op():
         assert all(ln.split()[0].split(".")[0] in ("and", "shr", "shl", "prmt", "lop3", "shfl", "mul") for ln in lines)
     assert D.PRMT_PTX.count("prmt.b32") == 14 and D.PRMT_PTX.count("lop3.b32") == 4  # 21 ALU ops for 8 codes
     assert D.SHFL_PTX.count("shfl.sync.idx.b32") == 8 and D.SHFL_PTX.count("shr.b32") == 7
+
+
+def test_probe_kernel_and_its_expectation_agree_on_the_plain_decoder():
+    # the GPU self-check (kernels._decode.verified) compares probe() against probe_expected();
+    # on CPU the probe runs the plain decoder through the interpreter, proving both halves
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(0, 2**32, (300,), generator=g, dtype=torch.int64).to(torch.int32)
+    am = torch.rand(300, generator=g) + 0.1
+    for table in TABLES.values():
+        got = D.probe(torch.device("cpu"), table, words, am, "table")
+        assert torch.equal(got, D.probe_expected(table, words, am, "table"))
+    assert D.verified(torch.device("cpu"), nf4.NF4)
