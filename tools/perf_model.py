@@ -618,6 +618,20 @@ def setup() -> str:
     return cuobjdump
 
 
+def source_revision() -> dict:
+    """The git commit the kernels were read at, and whether kernels/, nf4/ or tools/ differ
+    from it (then the figures belong to uncommitted code)."""
+    import subprocess
+
+    def git(*cmd):
+        r = subprocess.run(["git", "-C", REPO, *cmd], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--", "kernels", "nf4", "tools")
+    return {"git_commit": commit, "git_dirty": bool(dirty) if dirty is not None else None}
+
+
 def run(args) -> dict:
     """Trace, model and assemble the report for ``args`` (parse_args)."""
     t0 = time.time()
@@ -649,7 +663,7 @@ def run(args) -> dict:
     rows.sort(key=lambda r: (shapes.index((r["N"], r["K"])), order[r["kernel"]], r["M"], not r["nested"]))
     return {
         "target": "sm_90a", "triton": triton.__version__, "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(), "tool": "tools/perf_model.py",
+        "date": datetime.date.today().isoformat(), "tool": "tools/perf_model.py", "source": source_revision(),
         "runtime_s": round(time.time() - t0, 1),
         "constants": {"sms": H.SMS, "schedulers_per_sm": H.SCHEDULERS_PER_SM, "clock_hz": H.CLOCK_HZ,
                       "issue_rate": H.ISSUE_RATE, "hbm_bytes_per_s": H.HBM_BYTES_PER_S,
