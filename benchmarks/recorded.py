@@ -39,8 +39,10 @@ def _git_date(path: Path) -> str | None:
     return out.stdout.strip() or None
 
 
-def collect(results_dir: Path = RESULTS_DIR) -> list[dict]:
-    """The latest result per benchmark: name, date, device, versions, markdown, commit date."""
+def collect(results_dir: Path | None = None) -> list[dict]:
+    """The latest result per benchmark: name, date, device, versions, markdown, commit date
+    (``results_dir`` defaults to ``RESULTS_DIR``, read at call time)."""
+    results_dir = RESULTS_DIR if results_dir is None else results_dir
     latest: dict[str, dict] = {}
     for path in sorted(results_dir.glob("*.json")) if results_dir.exists() else []:
         try:

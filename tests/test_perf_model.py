@@ -295,3 +295,43 @@ def test_tool_runs_on_one_small_shape(tmp_path):
     gemv = next(r for r in report["rows"] if r["kernel"] == "gemv")
     assert gemv["regs"] > 0 and gemv["thread_instr_per_weight"] > 0 and gemv["code_ldg_bits"] in (8, 16, 32, 64, 128)
     assert any(x["kind"] == "triton" for x in gemv["launches"])
+
+
+AUTOTUNED = """
+import os, sys
+sys.path.insert(0, {tools!r})
+import perf_model as P, perf_model_trace as T
+cuobjdump = P.setup()
+import torch, triton, triton.language as tl
+
+@triton.autotune(configs=[triton.Config({{"BLOCK": 256}}, num_warps=4), triton.Config({{"BLOCK": 1024}}, num_warps=8)],
+                 key=["n"])
+@triton.jit
+def _twice(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, tl.load(x_ptr + i, mask=i < n) * 2.0, mask=i < n)
+
+n = 1 << 20
+with T.trace() as tr:
+    _twice[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](torch.empty(n), torch.empty(n), n)
+    torch.empty(64, 32) @ torch.empty(32, 16)
+(la, mm), = [tr.launches]
+d = P.Model(cuobjdump).launch(la)
+assert len(la.candidates) == 2 and d["autotune"]["configs"] == 2, d
+assert d["grid"][0] in (n // 256, n // 1024) and d["bound"] == "hbm", d
+assert mm.kind == "cublas" and mm.flops == 2 * 64 * 32 * 16, mm
+print("ok", d["label"])
+"""
+
+
+@pytest.mark.slow
+def test_autotuned_kernels_compile_every_config_and_aten_matmuls_become_cublas(tmp_path):
+    py = _triton36_python()
+    if py is None:
+        pytest.skip("set QLORA_TRITON36_PYTHON to an interpreter with triton 3.6 and a CPU torch")
+    script = tmp_path / "autotuned.py"
+    script.write_text(AUTOTUNED.format(tools=os.path.join(REPO, "tools")))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    r = subprocess.run([py, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from triton.backends.compiler import GPUTarget
@@ -99,6 +98,7 @@ class TritonLaunch:
     cubin: bytes = field(repr=False)
     ptx: str = field(repr=False)
     ptx_params: list = field(repr=False)  # parameter names in PTX order (specialised ones dropped)
+    constexprs: list = field(default_factory=list)  # names of the constexpr parameters
     bytes: int = 0
     scope: tuple = ()
     candidates: list | None = None  # autotuned: every config's TritonLaunch (this one is the first)
@@ -182,7 +182,7 @@ class Tracer(TorchDispatchMode):
             name=fn.__name__, grid=_resolve_grid(grid, named), args=named,
             num_warps=md.num_warps, num_stages=getattr(md, "num_stages", kwargs.get("num_stages", 0)),
             shared=md.shared, cubin=kernel.asm["cubin"], ptx=kernel.asm["ptx"],
-            ptx_params=_ptx_param_names(kernel, fn),
+            ptx_params=_ptx_param_names(kernel, fn), constexprs=[p.name for p in fn.params if p.is_constexpr],
             bytes=_tensor_bytes(named.values()), scope=tuple(self.scope))
         if self._candidates is not None:
             self._candidates.append(launch)
@@ -304,7 +304,6 @@ class Tracer(TorchDispatchMode):
         self.op_calls.append(OpCall(name, _tensor_bytes(tensors + outs), [list(t.shape) for t in tensors + outs],
                                     tuple(self.scope)))
         return out
-
 
 
 _ACTIVE: Tracer | None = None
