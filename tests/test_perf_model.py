@@ -269,25 +269,29 @@ def test_committed_perf_model_json_follows_the_schema():
 
 
 # ---- the tool itself (needs triton 3.6) ----------------------------------------------------
-def _triton36_python():
+@pytest.fixture
+def triton36(tmp_path):
+    """``run(*argv)``: a subprocess of the ``QLORA_TRITON36_PYTHON`` interpreter (skip without
+    one), outside the interpreter mode and with its own triton cache; returns its stdout."""
     py = os.environ.get("QLORA_TRITON36_PYTHON")
-    if not py:
-        return None
-    r = subprocess.run([py, "-c", "import triton, torch; print(triton.__version__)"],
-                       capture_output=True, text=True)
-    return py if r.returncode == 0 and r.stdout.strip().startswith("3.6") else None
+    probe = subprocess.run([py, "-c", "import triton, torch; print(triton.__version__)"],
+                           capture_output=True, text=True) if py else None
+    if probe is None or probe.returncode != 0 or not probe.stdout.strip().startswith("3.6"):
+        pytest.skip("set QLORA_TRITON36_PYTHON to an interpreter with triton 3.6 and a CPU torch")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+
+    def run(*argv):
+        r = subprocess.run([py, *argv], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        return r.stdout
+    return run
 
 
 @pytest.mark.slow
-def test_tool_runs_on_one_small_shape(tmp_path):
-    py = _triton36_python()
-    if py is None:
-        pytest.skip("set QLORA_TRITON36_PYTHON to an interpreter with triton 3.6 and a CPU torch")
+def test_tool_runs_on_one_small_shape(triton36, tmp_path):
     out = tmp_path / "pm.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
-    r = subprocess.run([py, os.path.join(REPO, "tools", "perf_model.py"), "--quick", "--json", str(out),
-                        "--md", str(tmp_path / "pm.md")], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    triton36(os.path.join(REPO, "tools", "perf_model.py"), "--quick", "--json", str(out), "--md", str(tmp_path / "pm.md"))
     report = json.loads(out.read_text())
     R.validate(report)
     kinds = {r["kernel"] for r in report["rows"]}
@@ -325,13 +329,7 @@ print("ok", d["label"])
 
 
 @pytest.mark.slow
-def test_autotuned_kernels_compile_every_config_and_aten_matmuls_become_cublas(tmp_path):
-    py = _triton36_python()
-    if py is None:
-        pytest.skip("set QLORA_TRITON36_PYTHON to an interpreter with triton 3.6 and a CPU torch")
+def test_autotuned_kernels_compile_every_config_and_aten_matmuls_become_cublas(triton36, tmp_path):
     script = tmp_path / "autotuned.py"
     script.write_text(AUTOTUNED.format(tools=os.path.join(REPO, "tools")))
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    r = subprocess.run([py, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "ok" in triton36(str(script))
