@@ -61,6 +61,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -592,6 +593,7 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the (stand-in) GPU, never interpret
     fresh = args.cache_dir is None
     cache = tempfile.mkdtemp(prefix="perf_model_triton_") if fresh else args.cache_dir
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below on kill / timeout
     os.environ["TRITON_CACHE_DIR"] = cache
     try:
         if args.compile_check:
