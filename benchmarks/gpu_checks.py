@@ -74,7 +74,7 @@ def check_decoders(device, emit=None):
     words = torch.cat([every, torch.randint(0, 2**32, (4080,), generator=g, dtype=torch.int64)]).to(torch.int32)
     am = torch.rand(words.numel(), generator=g) * 3 + 1e-3
     words, am = words.to(device), am.to(device)
-    decoders = ["table"] + (["shfl", "prmt"] if device.type == "cuda" else [])
+    decoders = ["table"] + (["shfl", "mixed", "prmt"] if device.type == "cuda" else [])
     for name, table in (("nf4", nf4.NF4), ("fp4", nf4.FP4), ("int4", nf4.INT4)):
         code = table.to(device)
         for dec in decoders:

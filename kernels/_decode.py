@@ -34,7 +34,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-__all__ = ["SHFL_PROGRAM", "PRMT_PROGRAM", "SHFL_SEGMENT", "render_ptx", "emulate", "prmt_planes_host",
+__all__ = ["SHFL_PROGRAM", "PRMT_PROGRAM", "SHFL_SEGMENT", "render_ptx", "emulate", "prmt_planes_host", "planes",
            "emulate_shfl", "DECODERS"]
 
 DECODERS = ("table", "shfl", "prmt")
@@ -112,6 +112,47 @@ def prmt_program(scale: str | None = None) -> list[tuple]:
 PRMT_PROGRAM = prmt_program()
 
 
+def _mixed_program() -> list[tuple]:
+    """Elements 0-3 by shuffle (exact float32), elements 4-7 by byte permutes on fp16 planes,
+    widened to float32: half the shuffles of ``SHFL_PROGRAM`` (the MIO path is the M = 1 GEMV's
+    bound) for 16 more ALU instructions; levels 4-7 are the fp16 roundings (2^-11 relative)."""
+    prog = []
+    for e in range(4):
+        shift = 4 * _nibble(e)
+        src = "w"
+        if shift:
+            prog.append(("shr", "t", "w", shift))
+            src = "t"
+        prog.append(("shfl", f"o{e}", "lane", src, SHFL_SEGMENT))
+    prog += [
+        ("shr", "sh", "w", 16), ("and", "sh", "sh", 0x7777),  # selectors of nibbles 4..7
+        ("shl", "w4", "w", 4), ("prmt", "m1", "w4", "w", MASK_HIGH),
+        ("prmt", "a", "p0", "p1", "sh"), ("prmt", "b", "p2", "p3", "sh"), ("lop3", "lo", "a", "b", "m1", SELECT_LUT),
+        ("prmt", "a", "p4", "p5", "sh"), ("prmt", "b", "p6", "p7", "sh"), ("lop3", "hi", "a", "b", "m1", SELECT_LUT),
+        ("prmt", "v", "lo", "hi", PAIR_01), ("unpack_f16", "o4", "o5", "v"),
+        ("prmt", "v", "lo", "hi", PAIR_23), ("unpack_f16", "o6", "o7", "v"),
+    ]
+    return prog
+
+
+MIXED_PROGRAM = _mixed_program()
+
+
+def _prmt_f32_program() -> list[tuple]:
+    """``PRMT_PROGRAM`` on fp16 planes with each fp16 level widened to float32 (8 outputs)."""
+    prog = []
+    for op in PRMT_PROGRAM:
+        if op[0] == "prmt" and op[1].startswith("o"):
+            j = int(op[1][1:])
+            prog += [("prmt", "v", op[2], op[3], op[4]), ("unpack_f16", f"o{2 * j}", f"o{2 * j + 1}", "v")]
+        else:
+            prog.append(op)
+    return prog
+
+
+PRMT_F32_PROGRAM = _prmt_f32_program()
+
+
 # ---- PTX text ------------------------------------------------------------------------------------
 def render_ptx(program: list[tuple], outputs: int, inputs: list[str]) -> str:
     """PTX for ``tl.inline_asm_elementwise``: outputs are $0..$(outputs-1), then ``inputs``."""
@@ -121,6 +162,8 @@ def render_ptx(program: list[tuple], outputs: int, inputs: list[str]) -> str:
     lines = ["{"]
     if temps:
         lines.append(".reg .b32 " + ", ".join(f"%{t}" for t in temps) + ";")
+    if any(op[0] == "unpack_f16" for op in program):
+        lines.append(".reg .b16 %h0, %h1;")
 
     def r(name):
         return regs.get(name) or f"%{name}"
@@ -139,6 +182,9 @@ def render_ptx(program: list[tuple], outputs: int, inputs: list[str]) -> str:
             lines.append(f"shfl.sync.idx.b32 {r(op[1])}, {r(op[2])}, {r(op[3])}, {op[4]:#x}, 0xffffffff;")
         elif kind in ("mul_bf16", "mul_f16"):
             lines.append(f"mul.rn.{kind[4:]}x2 {r(op[1])}, {r(op[2])}, {r(op[3])};")
+        elif kind == "unpack_f16":  # the two fp16 halves of a register, widened to float32
+            lines += [f"mov.b32 {{%h0, %h1}}, {r(op[3])};", f"cvt.f32.f16 {r(op[1])}, %h0;",
+                      f"cvt.f32.f16 {r(op[2])}, %h1;"]
         else:  # pragma: no cover - programs are module constants
             raise ValueError(f"unknown op {kind!r}")
     lines.append("}")
@@ -149,6 +195,8 @@ SHFL_PTX = render_ptx(SHFL_PROGRAM, 8, ["w", "lane"])
 _PLANES = ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]
 PRMT_PTX = render_ptx(PRMT_PROGRAM, 4, ["w", *_PLANES])
 PRMT_SCALED_PTX = {s: render_ptx(prmt_program(s), 4, ["w", *_PLANES, "am"]) for s in ("bf16", "f16")}
+MIXED_PTX = render_ptx(MIXED_PROGRAM, 8, ["w", "lane", *_PLANES])
+PRMT_F32_PTX = render_ptx(PRMT_F32_PROGRAM, 8, ["w", *_PLANES])
 LANE_PTX = "mov.u32 $0, %laneid;"
 
 
@@ -251,13 +299,17 @@ def emulate(program: list[tuple], inputs: dict, lane_values: np.ndarray | None =
             regs[op[1]] = emulate_shfl(lane_values, regs[op[3]], op[4]).astype(np.uint32)
         elif kind in ("mul_bf16", "mul_f16"):
             regs[op[1]] = _mul_x2(regs[op[2]], regs[op[3]], kind[4:])
+        elif kind == "unpack_f16":
+            v = np.asarray(regs[op[3]], dtype=np.uint32)
+            regs[op[1]] = _to16(v & np.uint32(0xFFFF), "f16").view(np.uint32)
+            regs[op[2]] = _to16(v >> np.uint32(16), "f16").view(np.uint32)
         else:  # pragma: no cover
             raise ValueError(f"unknown op {kind!r}")
     return regs
 
 
 def prmt_planes_host(bits16: np.ndarray) -> list[int]:
-    """The eight plane registers for 16 16-bit patterns (what ``prmt_planes`` builds in-kernel)."""
+    """The eight plane registers for 16 16-bit patterns (what ``planes`` builds on the device)."""
     bits16 = [int(v) & 0xFFFF for v in bits16]
     planes = []
     for shift in (0, 8):
@@ -266,8 +318,32 @@ def prmt_planes_host(bits16: np.ndarray) -> list[int]:
     return planes
 
 
+def planes(code, dtype):
+    """int32 ``[8]`` on code's device: the byte planes of the 16 levels ``code`` rounded to ``dtype``
+    (bf16 or fp16): low bytes of entries 0-3, 4-7, 8-11, 12-15, then the high bytes. Built with torch
+    ops on the device (no host sync) and cached on the code tensor (rebuilt if it is modified)."""
+    import torch
+
+    cache = getattr(code, "_qlora_planes", None)
+    if cache is None or cache[0] != code._version:
+        cache = (code._version, {})
+        code._qlora_planes = cache
+    out = cache[1].get(dtype)
+    if out is None:
+        bits = code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF  # [16]
+        shifts = torch.tensor([0, 8, 16, 24], device=code.device, dtype=torch.int64)
+        lo = ((bits & 0xFF).view(4, 4) << shifts).sum(1)
+        hi = (((bits >> 8) & 0xFF).view(4, 4) << shifts).sum(1)
+        out = torch.cat([lo, hi])
+        out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)  # the same 32 bits, as int32
+        cache[1][dtype] = out
+    return out
+
+
 # ---- Triton helpers ------------------------------------------------------------------------------
 _SHFL_PTX = tl.constexpr(SHFL_PTX)
+_MIXED_PTX = tl.constexpr(MIXED_PTX)
+_PRMT_F32_PTX = tl.constexpr(PRMT_F32_PTX)
 _PRMT_PTX = tl.constexpr(PRMT_PTX)
 _PRMT_BF16_PTX = tl.constexpr(PRMT_SCALED_PTX["bf16"])
 _PRMT_F16_PTX = tl.constexpr(PRMT_SCALED_PTX["f16"])
@@ -314,21 +390,29 @@ def decode8_shfl(w, lane_t):
 
 
 @triton.jit
-def _plane(code_ptr, base: tl.constexpr, shift: tl.constexpr, DTYPE: tl.constexpr):
-    """Bytes ``shift/8`` of the 16-bit patterns of code[base .. base+3], packed in one int32."""
-    v = 0
-    for i in tl.static_range(4):
-        bits = tl.load(code_ptr + base + i).to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        v = v | (((bits >> shift) & 0xFF) << (8 * i))
-    return v
+def decode8_mixed(w, lane_t, p0, p1, p2, p3, p4, p5, p6, p7):
+    """GPU: int32 words -> float32 levels, elements 0-3 exact (shuffle), 4-7 from fp16 planes
+    (``MIXED_PROGRAM``; planes from ``planes(code, torch.float16)``), shape + [8]."""
+    e = tl.inline_asm_elementwise(_MIXED_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+                                  [w, lane_t, p0, p1, p2, p3, p4, p5, p6, p7],
+                                  dtype=(tl.float32,) * 8, is_pure=False, pack=1)
+    return join8(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7])
 
 
 @triton.jit
-def prmt_planes(code_ptr, DTYPE: tl.constexpr):
-    """The eight byte-plane registers of the 16 levels rounded to DTYPE (bf16 or fp16)."""
-    return (_plane(code_ptr, 0, 0, DTYPE), _plane(code_ptr, 4, 0, DTYPE), _plane(code_ptr, 8, 0, DTYPE),
-            _plane(code_ptr, 12, 0, DTYPE), _plane(code_ptr, 0, 8, DTYPE), _plane(code_ptr, 4, 8, DTYPE),
-            _plane(code_ptr, 8, 8, DTYPE), _plane(code_ptr, 12, 8, DTYPE))
+def decode8_prmt_f32(w, p0, p1, p2, p3, p4, p5, p6, p7):
+    """GPU: int32 words -> float32 levels rounded to fp16 by byte permutes (no memory access);
+    planes from ``planes(code, torch.float16)``, shape + [8]."""
+    e = tl.inline_asm_elementwise(_PRMT_F32_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+                                  [w, p0, p1, p2, p3, p4, p5, p6, p7], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    return join8(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7])
+
+
+@triton.jit
+def load_planes(planes_ptr):
+    """The eight byte-plane registers (``planes(code, dtype)``: int32 [8]), loaded once per program."""
+    return (tl.load(planes_ptr + 0), tl.load(planes_ptr + 1), tl.load(planes_ptr + 2), tl.load(planes_ptr + 3),
+            tl.load(planes_ptr + 4), tl.load(planes_ptr + 5), tl.load(planes_ptr + 6), tl.load(planes_ptr + 7))
 
 
 @triton.jit
@@ -382,7 +466,7 @@ _verified: dict = {}
 
 
 @triton.jit
-def _probe_kernel(w_ptr, code_ptr, am_ptr, out_ptr, n, BLOCK: tl.constexpr, DECODE: tl.constexpr,
+def _probe_kernel(w_ptr, code_ptr, planes_ptr, am_ptr, out_ptr, n, BLOCK: tl.constexpr, DECODE: tl.constexpr,
                   DTYPE: tl.constexpr):
     """``out[i, e]`` = element e of word i decoded with DECODE (float32; 16-bit for prmt)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -390,8 +474,14 @@ def _probe_kernel(w_ptr, code_ptr, am_ptr, out_ptr, n, BLOCK: tl.constexpr, DECO
     w = tl.load(w_ptr + i, mask=ok, other=0)
     if DECODE == "shfl":
         v = decode8_shfl(w, lane_table(code_ptr, w))
+    elif DECODE == "mixed":
+        p0, p1, p2, p3, p4, p5, p6, p7 = load_planes(planes_ptr)
+        v = decode8_mixed(w, lane_table(code_ptr, w), p0, p1, p2, p3, p4, p5, p6, p7)
+    elif DECODE == "prmt_f32":
+        p0, p1, p2, p3, p4, p5, p6, p7 = load_planes(planes_ptr)
+        v = decode8_prmt_f32(w, p0, p1, p2, p3, p4, p5, p6, p7)
     elif DECODE == "prmt":
-        p0, p1, p2, p3, p4, p5, p6, p7 = prmt_planes(code_ptr, DTYPE)
+        p0, p1, p2, p3, p4, p5, p6, p7 = load_planes(planes_ptr)
         am = tl.load(am_ptr + i, mask=ok, other=1.0)
         v = decode8_prmt_scaled(w, p0, p1, p2, p3, p4, p5, p6, p7, pair16(am, DTYPE)[:, None], DTYPE).to(tl.float32)
     else:
@@ -406,7 +496,8 @@ def probe(device, code, words, absmax, decoder: str, dtype=None):
     n = words.numel()
     out = torch.empty((n, 8), dtype=torch.float32, device=device)
     dt = {None: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-    _probe_kernel[(-(-n // 128),)](words, code, absmax, out, n, BLOCK=128, DECODE=decoder, DTYPE=dt)
+    pl = planes(code, dtype if decoder == "prmt" else torch.float16)
+    _probe_kernel[(-(-n // 128),)](words, code, pl, absmax, out, n, BLOCK=128, DECODE=decoder, DTYPE=dt)
     return out
 
 
@@ -419,6 +510,10 @@ def probe_expected(code, words, absmax, decoder: str, dtype=None):
     levels = code.float()[codes]
     if decoder == "prmt":
         return (levels.to(dtype) * absmax.to(dtype)[:, None]).float()
+    if decoder == "mixed":
+        return torch.cat([levels[:, :4], levels[:, 4:].half().float()], dim=1)
+    if decoder == "prmt_f32":
+        return levels.half().float()
     return levels
 
 
@@ -440,7 +535,8 @@ def verified(device, code) -> bool:
         am = (torch.rand(words.numel(), generator=g) * 3 + 1e-3).to(device)
         ok = True
         try:
-            ok = torch.equal(probe(device, code, words, am, "shfl"), probe_expected(code, words, am, "shfl"))
+            ok = all(torch.equal(probe(device, code, words, am, d), probe_expected(code, words, am, d))
+                     for d in ("shfl", "mixed", "prmt_f32"))
             for dt in (torch.bfloat16, torch.float16):
                 ok = ok and torch.equal(probe(device, code, words, am, "prmt", dt),
                                         probe_expected(code, words, am, "prmt", dt))

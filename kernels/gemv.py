@@ -34,8 +34,11 @@ once per device and the launch is CUDA-graph capturable: no host sync, no per-ca
 allocation beyond the workspace of a fixed size).
 
 DECODE (``kernels._decode``): 'table' (plain Triton, the interpreter and the reference), 'shfl'
-(FMA kernel on the GPU: warp shuffles give exact float32 levels), 'prmt' (MMA kernel on the GPU:
-byte permutes give bf16/fp16 levels, as bitsandbytes' kernels round them).
+(FMA kernel on the GPU for float32 x: warp shuffles give exact float32 levels), 'hybrid' (FMA kernel,
+bf16/fp16 x: three words of every four by shuffle, the fourth by byte permutes on fp16 levels; the
+shuffles' MIO path bounds the exact decoder and the permutes' ALU work bounds the other, and 3:1
+balances the two), 'mixed' (half by each: an alternative the model ranks below 'hybrid'), 'prmt'
+(MMA kernel on the GPU: byte permutes give bf16/fp16 levels, as bitsandbytes' kernels round them).
 Layers: kernels -> ``gemv_launch`` (called by ``kernels.matmul``).
 """
 
@@ -49,7 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._decode import decode8_prmt_scaled, decode8_shfl, decode8_table, lane_table, pair16, prmt_planes, verified
+from ._decode import (decode8_mixed, decode8_prmt_f32, decode8_prmt_scaled, decode8_shfl, decode8_table, lane_table, pair16,
+                      load_planes, planes, verified)
 from ._launch import cdiv, device_guard, next_pow2
 from ._tl import cast_out, lora_bias_epilogue, manual_bf16, tl_dtype
 from .dispatch import interpreting
@@ -58,7 +62,7 @@ __all__ = ["GEMV_MAX_M", "gemv_kind", "gemv_launch", "gemv_config", "force_decod
 
 GEMV_MAX_M = 16  # tensor-core tiles pad M to 16; above that the GEMM regimes take over
 GROUP = 64  # codes per thread group / per MMA step: the kernels need K and blocksize multiples of it
-DECODERS = ("auto", "table", "shfl", "prmt")
+DECODERS = ("auto", "table", "shfl", "mixed", "hybrid", "hybrid_table", "prmt")
 
 _state = threading.local()
 
@@ -93,11 +97,38 @@ def gemv_kind(M: int, K: int, blocksize: int, dtype: torch.dtype) -> str | None:
 
 # ---- the M = 1 kernel --------------------------------------------------------------------------
 @triton.jit
-def _fma_level(w, code_ptr, lane_t, DECODE: tl.constexpr):
+def _fma_level(w, code_ptr, lane_t, p0, p1, p2, p3, p4, p5, p6, p7, DECODE: tl.constexpr):
+    """``[TK, BLOCK_N, 2, 4]`` words -> ``[TK, BLOCK_N, 64]`` float32 levels."""
     if DECODE == "shfl":
-        return decode8_shfl(w, lane_t)
+        v = decode8_shfl(w, lane_t)
+    elif DECODE == "mixed":
+        v = decode8_mixed(w, lane_t, p0, p1, p2, p3, p4, p5, p6, p7)
+    elif DECODE == "hybrid" or DECODE == "hybrid_table":
+        # words 0-2 of every 4 by shuffle (exact), word 3 by byte permutes (fp16 levels): 3/4 of the
+        # codes on the MIO path and 1/4 on the ALUs, which balances the two bounds of the M = 1 GEMV.
+        # ('hybrid_table' runs the same split and re-join with the plain decoder: the CPU test.)
+        w5 = tl.reshape(w, (w.shape[0], w.shape[1], 2, 2, 2))
+        even, odd = tl.split(w5)  # word index bit 0
+        w0, w2 = tl.split(even)  # bit 1
+        w1, w3 = tl.split(odd)
+        if DECODE == "hybrid":
+            t5 = tl.reshape(lane_t, (w.shape[0], w.shape[1], 2, 2, 2))
+            t_even, _t_odd = tl.split(t5)
+            t0, _t2 = tl.split(t_even)
+            d0 = decode8_shfl(w0, t0)
+            d1 = decode8_shfl(w1, t0)
+            d2 = decode8_shfl(w2, t0)
+            d3 = decode8_prmt_f32(w3, p0, p1, p2, p3, p4, p5, p6, p7)
+        else:
+            d0 = decode8_table(w0, code_ptr)
+            d1 = decode8_table(w1, code_ptr)
+            d2 = decode8_table(w2, code_ptr)
+            d3 = decode8_table(w3, code_ptr).to(tl.float16).to(tl.float32)
+        # [TK, BN, half, e, bit1, bit0] -> [TK, BN, half, bit1, bit0, e]: word 2 bit1 + bit0, element e
+        v = tl.permute(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (0, 1, 2, 4, 5, 3))
     else:
-        return decode8_table(w, code_ptr)
+        v = decode8_table(w, code_ptr)
+    return tl.reshape(v, (w.shape[0], w.shape[1], 64))
 
 
 @triton.jit
@@ -112,9 +143,10 @@ def _absmax_rows(a_ptrs, ncode_ptr, nabs_ptr, blk, offset, mask, NESTED: tl.cons
 
 @triton.jit
 def _gemv_fma_kernel(
-    x_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr,  # x: [K]; W packed as [N, K/8] int32
+    x_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr,  # x: [K]; W packed: [N, K/2] uint8
+    planes_ptr,  # int32 [8]: the levels' byte planes (kernels._decode.planes), for the permute decoders
     s_ptr, b_ptr, bias_ptr,  # LoRA S: [1, RANK], B: [N, RANK]; bias: [N]
-    out_ptr, ws_ptr, count_ptr,  # out: [N] (stride_on); ws: [SLICES, N] float32; count: [row groups] int32
+    out_ptr, ws_ptr, count_ptr,  # out: [N] (stride_on); ws: >= [SLICES, N] float32; count: [row groups] int32
     N, K, RANK, rows_per_cta,
     stride_xk, stride_wn, stride_on,
     stride_sj, stride_bn, stride_bj,
@@ -124,6 +156,7 @@ def _gemv_fma_kernel(
     OUT_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr,
 ):
     KS: tl.constexpr = TK * 64  # codes per k-slice
+    w_ptr = w_ptr.to(tl.pointer_type(tl.int32))  # the packed bytes, read as 32-bit words
     pid_s = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs_t = tl.arange(0, TK)
@@ -146,15 +179,18 @@ def _gemv_fma_kernel(
     blk32 = rows[None, :] * (K // BLOCKSIZE) + ((k_base + offs_t * 64) // BLOCKSIZE)[:, None]  # [TK, BLOCK_N]
     a_ptrs = absmax_ptr + blk32
     lane_t = tl.zeros((TK, BLOCK_N, 2, 4), tl.float32)
-    if DECODE == "shfl":
+    if DECODE == "shfl" or DECODE == "mixed" or DECODE == "hybrid":
         lane_t = lane_table(code_ptr, lane_t)
+    p0, p1, p2, p3, p4, p5, p6, p7 = 0, 0, 0, 0, 0, 0, 0, 0
+    if DECODE == "mixed" or DECODE == "hybrid":
+        p0, p1, p2, p3, p4, p5, p6, p7 = load_planes(planes_ptr)
     blk_step = BLOCK_N * (K // BLOCKSIZE)
     row_end = tl.minimum(row0 + rows_per_cta, N)
     for r0 in range(row0, row_end, BLOCK_N):
         row_ok = (r0 + offs_r) < N
         mask = k_ok[:, None] & row_ok[None, :]
         wq = tl.load(w_ptrs, mask=mask[:, :, None, None], other=0)
-        v = tl.reshape(_fma_level(wq, code_ptr, lane_t, DECODE), (TK, BLOCK_N, 64))
+        v = _fma_level(wq, code_ptr, lane_t, p0, p1, p2, p3, p4, p5, p6, p7, DECODE)
         part = tl.sum(v * xs[:, None, :], axis=2)  # [TK, BLOCK_N]
         am = _absmax_rows(a_ptrs, ncode_ptr, nabs_ptr, blk32, offset, mask, NESTED)
         y = tl.sum(part * am, axis=0)  # [BLOCK_N]
@@ -215,9 +251,10 @@ def _mma_block(wq, am, code_ptr, p0, p1, p2, p3, p4, p5, p6, p7, DECODE: tl.cons
 
 @triton.jit
 def _gemv_mma_kernel(
-    x_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr,  # x: [M, K]; W packed [N, K/8] int32
+    x_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr,  # x: [M, K]; W packed: [N, K/2] uint8
+    planes_ptr,  # int32 [8]: the levels' byte planes (kernels._decode.planes)
     s_ptr, b_ptr, bias_ptr,  # S: [M, RANK], B: [N, RANK], bias: [N]
-    out_ptr, ws_ptr, count_ptr,  # out: [M, N]; ws: [SPLIT, M, N] float32; count: [row tiles] int32
+    out_ptr, ws_ptr, count_ptr,  # out: [M, N]; ws: >= [SPLIT, M, N] float32; count: [row tiles] int32
     M, N, K, RANK, k_per_split,
     stride_xm, stride_xk, stride_wn, stride_om, stride_on,
     stride_sm, stride_sj, stride_bn, stride_bj,
@@ -227,6 +264,7 @@ def _gemv_mma_kernel(
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, OUT_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = 64  # the smallest M of a Hopper warpgroup MMA; rows >= M are zeros
+    w_ptr = w_ptr.to(tl.pointer_type(tl.int32))  # the packed bytes, read as 32-bit words
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,7 +278,7 @@ def _gemv_mma_kernel(
         offset = tl.load(offset_ptr)
     p0, p1, p2, p3, p4, p5, p6, p7 = 0, 0, 0, 0, 0, 0, 0, 0
     if DECODE == "prmt":
-        p0, p1, p2, p3, p4, p5, p6, p7 = prmt_planes(code_ptr, DOT_DTYPE)
+        p0, p1, p2, p3, p4, p5, p6, p7 = load_planes(planes_ptr)
     k_begin = pid_s * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.multiple_of(k_begin // 8, 8) + offs_w[None, :]
@@ -302,13 +340,8 @@ _counters: dict = {}
 def gemv_config(kind: str, M: int, N: int, K: int, device: torch.device) -> dict:
     """Tiles, split and warps. The GPU values are chosen with ``tools/perf_model.py`` (issue, MIO and
     register budget of each candidate on the H200); the interpreter uses small tiles so CI shapes
-    cross every boundary (row tails, several k-slices and splits). Memoized: it runs every call."""
-    return dict(_config(kind, M, N, K, device.type == "cuda"))
-
-
-@functools.lru_cache(maxsize=1024)
-def _config(kind: str, M: int, N: int, K: int, gpu: bool) -> tuple:
-    return tuple(_make_config(kind, M, N, K, gpu).items())
+    cross every boundary (row tails, several k-slices and splits)."""
+    return _make_config(kind, M, N, K, device.type == "cuda")
 
 
 def _make_config(kind: str, M: int, N: int, K: int, gpu: bool) -> dict:
@@ -336,75 +369,95 @@ def _make_config(kind: str, M: int, N: int, K: int, gpu: bool) -> dict:
                 **({} if cpu else {"num_stages": 1}))
 
 
-def _count_buffer(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters (one per row group / tile), allocated once per device and stream;
-    the kernels leave them at zero. Allocate before CUDA-graph capture (one warm-up call)."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _counters[key] = buf
-    return buf
+def _stream_key(device: torch.device):
+    return (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+
+
+def _scratch(device: torch.device, counters: int, ws_floats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(counters, workspace)`` of this device and stream, allocated once and grown when needed:
+    zeroed int32 counters (one per row group / tile; the kernels leave them at zero) and the float32
+    split-K partials. Kernels on one stream run in order, so they can share both; keeping them
+    makes a call allocate nothing but its output (CUDA graphs: warm up once before capture)."""
+    key = _stream_key(device)
+    cnt, ws = _counters.get(key, (None, None))
+    if cnt is None or cnt.numel() < counters:
+        cnt = torch.zeros(max(counters, 1024), dtype=torch.int32, device=device)
+    if ws is None or ws.numel() < ws_floats:
+        ws = torch.empty(max(ws_floats, 1 << 16), dtype=torch.float32, device=device)
+    _counters[key] = (cnt, ws)
+    return cnt, ws
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(M: int, n: int, k: int, blocksize: int, nested: bool, x_dtype, out_dtype, rank: int, has_lora: bool,
+          has_bias: bool, gpu: bool, decode: str | None) -> tuple:
+    """Everything about a launch that depends only on the problem's shape and flags:
+    ``(kind, grid, scalars, constexprs, counters, ws_floats)``. Memoized: the eager decode path
+    pays a dictionary lookup, not the config arithmetic."""
+    kind = gemv_kind(M, k, blocksize, x_dtype)
+    if kind is None:
+        return (None,) * 6
+    cfg = dict(gemv_config(kind, M, n, k, torch.device("cuda" if gpu else "cpu")))
+    if cfg["DECODE"] == "shfl" and x_dtype != torch.float32:
+        # 3 words of 4 by shuffle, 1 by permutes (fp16 levels: finer than bf16/fp16 x's own rounding)
+        cfg["DECODE"] = "hybrid"
+    if decode is not None:
+        cfg["DECODE"] = decode
+    interp = interpreting()
+    meta = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora,
+                BLOCK_RANK=max(16, next_pow2(max(rank, 1))), HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype),
+                MANUAL_BF16=manual_bf16(out_dtype, interp))
+    if kind == "fma":
+        slices, rows = cfg.pop("SLICES"), cfg.pop("rows_per_cta")
+        groups = cdiv(n, rows)
+        meta.update(SPLIT_K=slices > 1, **cfg)
+        return kind, (slices, groups), (rows, slices), meta, groups, slices * n if slices > 1 else 0
+    split, k_per_split = cfg.pop("SPLIT"), cfg.pop("k_per_split")
+    tiles = cdiv(n, cfg["BLOCK_N"])
+    dot_dtype = torch.float32 if interp else x_dtype  # the interpreter's bf16 dot is wrong (NOTES §3)
+    meta.update(SPLIT_K=split > 1, DOT_DTYPE=tl_dtype(dot_dtype), IEEE=interp or x_dtype == torch.float32, **cfg)
+    return kind, (tiles, split), (k_per_split, split), meta, tiles, split * M * n if split > 1 else 0
 
 
 def gemv_launch(x: torch.Tensor, state: tuple, n: int, k: int, blocksize: int, lora_s, lora_B, scale: float,
                 bias, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """``y = x Wᵀ + scale * S Bᵀ + bias`` for ``x: [M, K]`` (M <= GEMV_MAX_M), ``W: [n, k]`` packed
-    (``state`` as in ``kernels.state.quant_state``); returns ``[M, n]`` of ``out_dtype``."""
+    (``state`` as in ``kernels.state.quant_state``); returns ``[M, n]`` of ``out_dtype``.
+    ``config`` (tests, tuning) overrides ``gemv_config``'s keys. Written for the host cost of a
+    decode-size call: one allocation (the output), one memoized plan, no recomputation."""
     M = x.shape[0]
-    kind = gemv_kind(M, k, blocksize, x.dtype)
+    dev = x.device
+    data, absmax, code, nabs, ncode, offset = state
+    gpu = dev.type == "cuda"
+    forced = getattr(_state, "decoder", "auto")
+    decode = None if forced == "auto" else forced
+    if gpu and decode is None and not verified(dev, code):
+        decode = "table"
+    rank = 0 if lora_s is None else lora_s.shape[1]
+    kind, grid, (p1, p2), meta, counters, ws_floats = _plan(
+        M, n, k, blocksize, nabs is not None, x.dtype, out_dtype, rank, lora_s is not None, bias is not None, gpu,
+        decode)
     if kind is None:
         raise ValueError(f"no streaming GEMV for M={M}, K={k}, blocksize={blocksize}, {x.dtype}")
-    dev = x.device
     out = torch.empty((M, n), dtype=out_dtype, device=dev)
     if n == 0:
         return out
-    data, absmax, code, nabs, ncode, offset = state
-    nested = nabs is not None
-    words = data.reshape(-1).view(torch.int32)  # [n * k / 8]: rows are k/2 bytes, a multiple of 32
-    cfg = dict(config or gemv_config(kind, M, n, k, dev))
-    forced = getattr(_state, "decoder", "auto")
-    if forced != "auto":
-        cfg["DECODE"] = forced
-    elif cfg["DECODE"] != "table" and not verified(dev, code):
-        cfg["DECODE"] = "table"
-    rank = 0 if lora_s is None else lora_s.shape[1]
-    block_rank = max(16, next_pow2(max(rank, 1)))
-    interp = interpreting()
-    common = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=lora_s is not None,
-                  BLOCK_RANK=block_rank, HAS_BIAS=bias is not None, OUT_DTYPE=tl_dtype(out_dtype),
-                  MANUAL_BF16=manual_bf16(out_dtype, interp))
-    wptrs = [words, absmax, code, nabs if nested else absmax, ncode if nested else code, offset if nested else code]
-    s_t = lora_s if lora_s is not None else x
-    b_t = lora_B if lora_B is not None else x
-    bias_t = bias if bias is not None else x
+    if config:
+        meta = {**meta, **{key: v for key, v in config.items() if key in meta}}
+    count, ws = _scratch(dev, counters, ws_floats)
+    s_t = x if lora_s is None else lora_s
+    b_t = x if lora_B is None else lora_B
+    sm, sj = s_t.stride()
+    bn, bj = b_t.stride()
+    xm, xk = x.stride()
+    dec = meta["DECODE"]
+    pl = planes(code, torch.float16 if kind == "fma" else x.dtype) if dec in ("mixed", "hybrid", "prmt") else count
+    args = (x, data, absmax, code, absmax if nabs is None else nabs, code if ncode is None else ncode,
+            code if offset is None else offset, pl, s_t, b_t, x if bias is None else bias, out, ws, count)
     with device_guard(x):
         if kind == "fma":
-            slices = cfg.pop("SLICES")
-            rows = cfg.pop("rows_per_cta")
-            groups = cdiv(n, rows)
-            ws = torch.empty((slices, n), dtype=torch.float32, device=dev) if slices > 1 else out
-            count = _count_buffer(dev, groups)
-            _gemv_fma_kernel[(slices, groups)](
-                x, *wptrs, s_t, b_t, bias_t, out, ws, count,
-                n, k, rank, rows,
-                x.stride(1), k // 8, out.stride(1),
-                s_t.stride(1) if lora_s is not None else 0, b_t.stride(0) if lora_B is not None else 0,
-                b_t.stride(1) if lora_B is not None else 0,
-                float(scale), slices, SPLIT_K=slices > 1, **cfg, **common)
+            _gemv_fma_kernel[grid](*args, n, k, rank, p1, xk, k // 8, 1, sj, bn, bj, float(scale), p2, **meta)
         else:
-            split = cfg.pop("SPLIT")
-            k_per_split = cfg.pop("k_per_split")
-            tiles = cdiv(n, cfg["BLOCK_N"])
-            ws = torch.empty((split, M, n), dtype=torch.float32, device=dev) if split > 1 else out
-            count = _count_buffer(dev, tiles)
-            ieee = interp or x.dtype == torch.float32
-            dot_dtype = torch.float32 if interp else x.dtype  # the interpreter's bf16 dot is wrong (NOTES §3)
-            _gemv_mma_kernel[(tiles, split)](
-                x, *wptrs, s_t, b_t, bias_t, out, ws, count,
-                M, n, k, rank, k_per_split,
-                x.stride(0), x.stride(1), k // 8, out.stride(0), out.stride(1),
-                s_t.stride(0) if lora_s is not None else 0, s_t.stride(1) if lora_s is not None else 0,
-                b_t.stride(0) if lora_B is not None else 0, b_t.stride(1) if lora_B is not None else 0,
-                float(scale), split, SPLIT_K=split > 1, DOT_DTYPE=tl_dtype(dot_dtype), IEEE=ieee, **cfg, **common)
+            _gemv_mma_kernel[grid](*args, M, n, k, rank, p1, xm, xk, k // 8, n, 1, sm, sj, bn, bj, float(scale), p2,
+                                   **meta)
     return out

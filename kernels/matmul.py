@@ -8,18 +8,20 @@ W: [N, K] stays packed (4-bit codes + absmax state); S = x_hat Aᵀ: [M, r], G =
 Neither op keeps a dequantized W beyond its own return.
 
 Regimes, by M = number of token rows (``choose_regime``):
-    'gemv'          M <= GEMV_MAX_M, forward, K and blocksize multiples of 64: a streaming GEMV that
+    'gemv'          forward, M <= GEMV_MAX_M, K and blocksize multiples of 64: a streaming GEMV that
                     reads each packed byte once with 128-bit loads and reduces split-K inside the
                     launch (``kernels.gemv``; M = 1 float32 FMA, 2..16 tensor cores);
-    'gemm'          a tiled Triton GEMM that dequantizes inside its K loop (``kernels.gemm``; any
-                    orientation and shape: also dx below DEQUANT_ONCE_MIN_M, odd K, small blocksizes);
-    'dequant_gemm'  M >= DEQUANT_ONCE_MIN_M (training): dequantize once into a buffer of x's dtype
-                    (``kernels.dequant``, one launch), then ``torch.mm`` / ``addmm`` (cuBLAS on a GPU),
-                    the LoRA term added by ``addmm`` into the same output. The buffer is freed when the
-                    op returns; backward dequantizes again (never a dequantized W across fwd and bwd).
-The crossovers come from ``tools/perf_model.py`` (predicted, sm_90a) until the GPU suite measures
-them. ``dispatch.force_regime`` overrides the choice (tests run every regime); forcing 'gemv' on a
-problem it cannot take (dx, odd K) runs 'gemm'.
+    'gemm'          forward, 16 < M < DEQUANT_ONCE_MIN_M, when its tile grid fills the GPU (N large):
+                    a tiled Triton GEMM that dequantizes inside its K loop (``kernels.gemm``);
+    'dequant_gemm'  everything else, dx at every M included: dequantize once into a buffer of the
+                    activation dtype (``kernels.dequant``, one launch at HBM speed), then ``torch.mm``
+                    / ``addmm`` (cuBLAS on a GPU) with the LoRA term added by ``addmm`` into the same
+                    output. The buffer is freed when the op returns; backward dequantizes again
+                    (never a dequantized W kept across forward and backward).
+The rules come from ``tools/perf_model.py`` (predicted, sm_90a: the in-loop GEMM beats
+dequantize-once + cuBLAS only while x is small and its grid of 128-wide tiles covers the SMs) until
+the GPU suite measures them. ``dispatch.force_regime`` overrides the choice (tests run every
+regime); forcing 'gemv' on a problem it cannot take (dx, odd K) runs 'gemm'.
 """
 
 from __future__ import annotations
@@ -38,22 +40,28 @@ from .gemv import GEMV_MAX_M, gemv_kind, gemv_launch
 
 __all__ = ["GEMV_MAX_M", "DEQUANT_ONCE_MIN_M", "choose_regime", "nf4_linear", "nf4_linear_op", "nf4_linear_dx_op"]
 
-# Training-size batches go to dequantize-once + cuBLAS (tools/perf_model.py predicts the crossover).
+# Training-size batches go to dequantize-once + cuBLAS; below, the in-loop GEMM where its grid of
+# tiles fills about 3/4 of the H200's 132 SMs (tools/perf_model.py predicts both crossovers).
 DEQUANT_ONCE_MIN_M = 1024
+GEMM_MIN_TILES = 99
 
 
-def choose_regime(M: int, *, forward: bool = True, K: int | None = None, blocksize: int = 64,
-                  dtype: torch.dtype = torch.bfloat16) -> str:
-    """'gemv', 'gemm' or 'dequant_gemm' for M rows (``dispatch.force_regime`` wins, except that
-    'gemv' is only taken by forward problems ``gemv.gemv_kind`` accepts). Without K, assumes an
-    aligned K (the common case, e.g. for benchmark tables)."""
+def choose_regime(M: int, *, forward: bool = True, K: int | None = None, N: int | None = None,
+                  blocksize: int = 64, dtype: torch.dtype = torch.bfloat16) -> str:
+    """'gemv', 'gemm' or 'dequant_gemm' for M rows (module docstring; ``dispatch.force_regime`` wins,
+    except that 'gemv' is only taken by forward problems ``gemv.gemv_kind`` accepts). Without K or
+    N, assumes an aligned K and a large N (the common case, e.g. for benchmark tables)."""
     streaming = forward and gemv_kind(M, K if K is not None else 64, blocksize, dtype) is not None
     forced = forced_regime()
     if forced != "auto":
         return "gemm" if forced == "gemv" and not streaming else forced
     if streaming:
         return "gemv"
-    return "gemm" if M < DEQUANT_ONCE_MIN_M else "dequant_gemm"
+    if forward and M < DEQUANT_ONCE_MIN_M:
+        tiles = -(-(N if N is not None else 1 << 16) // 128) * -(-M // (128 if M >= 128 else 64))
+        if tiles >= GEMM_MIN_TILES:
+            return "gemm"
+    return "dequant_gemm"
 
 
 def _dense(state, n, k, blocksize, dtype):
@@ -88,7 +96,7 @@ def nf4_linear(
     if not use_triton(x):
         return reference.linear_forward(x, _dense_w(state, n, k, blocksize, x.dtype), lora_s, lora_B, scale, bias)
     M = x.shape[0]
-    regime = choose_regime(M, forward=True, K=k, blocksize=blocksize, dtype=x.dtype)
+    regime = choose_regime(M, forward=True, K=k, N=n, blocksize=blocksize, dtype=x.dtype)
     if M == 0 or n == 0:
         return x.new_empty((M, n))
     if regime == "gemv":
@@ -164,7 +172,7 @@ def nf4_linear_dx_op(
     M = dy.shape[0]
     if M == 0 or k == 0:
         return dy.new_empty((M, k))
-    if choose_regime(M, forward=False) == "dequant_gemm":
+    if choose_regime(M, forward=False, N=n) == "dequant_gemm":
         w = _dense(state, n, k, blocksize, dy.dtype)
         dx = torch.mm(dy, w)
         del w

@@ -155,7 +155,7 @@ def qlora_linear(
     if lora_A is not None and lora_A.shape[0] == 0:  # rank 0 contributes nothing
         lora_A = lora_B = None
     lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), k)
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(lead), k)
     p = float(dropout_p) if (training and lora_A is not None) else 0.0
     seed_t = None
     if p > 0:
@@ -175,7 +175,7 @@ def qlora_linear(
         s = None if lora_A is None else _lora_down(x2, lora_A, seed_t, p)[1]
         linear = nf4_linear_op if torch.compiler.is_compiling() else nf4_linear
         y = linear(x2, *state, n, k, qt.blocksize, s, lora_B, float(scale), bias)
-    return y.view(*lead, n)
+    return y if x.dim() == 2 else y.view(*lead, n)
 
 
 def nf4_matmul(x: torch.Tensor, qt, bias: torch.Tensor | None = None) -> torch.Tensor:

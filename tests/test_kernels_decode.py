@@ -58,6 +58,22 @@ def test_shfl_segment_mask_keeps_each_half_warp_on_its_own_table():
 
 
 @pytest.mark.parametrize("name", list(TABLES))
+def test_mixed_decoder_gives_exact_levels_0_to_3_and_fp16_levels_4_to_7(name):
+    table = TABLES[name]
+    t32 = table.numpy().astype(np.float32).view(np.uint32)
+    half = table.to(torch.float16).float().numpy().view(np.uint32)
+    planes = D.prmt_planes_host(table.to(torch.float16).view(torch.int16).numpy().astype(np.uint16))
+    w = _words()
+    lanes = np.stack([np.roll(w, 5 * lane) for lane in range(32)])
+    lane_values = t32[np.arange(32) & 15]
+    regs = D.emulate(D.MIXED_PROGRAM, {"w": lanes, "lane": lane_values[:, None],
+                                       **{f"p{i}": np.uint32(planes[i]) for i in range(8)}}, lane_values=lane_values)
+    for e in range(8):
+        assert np.array_equal(regs[f"o{e}"], (t32 if e < 4 else half)[_codes(lanes, e)]), e
+    assert D.MIXED_PTX.count("shfl.sync") == 4  # half the shuffles of the exact decoder
+
+
+@pytest.mark.parametrize("name", list(TABLES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_prmt_decoder_gives_the_level_rounded_to_16_bits(name, dtype):
     bits = TABLES[name].to(dtype).view(torch.int16).numpy().astype(np.uint16)
@@ -100,6 +116,8 @@ def test_ptx_text_has_one_instruction_per_program_op():
         lines = [ln for ln in text.splitlines() if ln.endswith(";") and not ln.startswith(".reg")]
         assert len(lines) == len(program)
         assert all(ln.split()[0].split(".")[0] in ("and", "shr", "shl", "prmt", "lop3", "shfl", "mul") for ln in lines)
+    assert len([ln for ln in D.MIXED_PTX.splitlines() if ln.endswith(";") and not ln.startswith(".reg")]) == \
+        len(D.MIXED_PROGRAM) + 2 * sum(op[0] == "unpack_f16" for op in D.MIXED_PROGRAM)  # mov + 2 cvt
     assert D.PRMT_PTX.count("prmt.b32") == 14 and D.PRMT_PTX.count("lop3.b32") == 4  # 21 ALU ops for 8 codes
     assert D.SHFL_PTX.count("shfl.sync.idx.b32") == 8 and D.SHFL_PTX.count("shr.b32") == 7
 

@@ -52,7 +52,10 @@ def test_which_problems_the_streaming_gemv_takes():
     assert gemv.gemv_kind(1, 4096, 32, torch.bfloat16) is None  # a 64-code group would span 2 blocks
     assert gemv.gemv_kind(1, 192, 128, torch.bfloat16) is None  # rows start mid-block
     assert kernels.choose_regime(1, K=4096, blocksize=64, dtype=torch.bfloat16) == "gemv"
-    assert kernels.choose_regime(1, forward=False) == "gemm"  # dx has no streaming GEMV
+    assert kernels.choose_regime(1, forward=False) == "dequant_gemm"  # dx: dequantize once + cuBLAS
+    assert kernels.choose_regime(32, K=4096, N=14336) == "gemm"  # 112 tiles of 128: the grid fills the GPU
+    assert kernels.choose_regime(32, K=4096, N=4096) == "dequant_gemm"  # 32 tiles: too few programs
+    assert kernels.choose_regime(4096, K=4096, N=4096) == "dequant_gemm"  # training
     with kernels.force_regime("gemv"):
         assert kernels.choose_regime(3, K=100) == "gemm"  # forcing 'gemv' where it cannot run
 
@@ -66,8 +69,20 @@ def test_split_k_is_deterministic_and_leaves_the_counters_at_zero(device):
         y1 = kernels.nf4_matmul(x, qt)
         y2 = kernels.nf4_matmul(x, qt)
         assert torch.equal(y1, y2)
-    for buf in gemv._counters.values():
-        assert int(buf.abs().sum()) == 0
+    for counters, _ in gemv._counters.values():
+        assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_hybrid_word_split_and_rejoin_keep_every_weight_in_place(device, nested):
+    """The GPU's 'hybrid' decoder splits each thread's 4-word groups 3:1 between two decoders and
+    joins them back; 'hybrid_table' runs that split and re-join with the plain decoder (fp16-rounded
+    levels on the fourth word), so a misplaced word would show against the reference here."""
+    if not kernels.dispatch.use_triton(torch.zeros(1, device=device)):
+        pytest.skip("reference backend")
+    with gemv.force_decoder("hybrid_table"):
+        run_case(device, 1, 40, 256, 8, True, 0.0, 64, nested, "nf4", False, False, torch.bfloat16, regime="auto")
+        run_case(device, 1, 33, 384, 0, False, 0.0, 128, nested, "fp4", True, True, torch.float16, regime="auto")
 
 
 def test_forced_table_decoder_and_bad_decoder_name(device):

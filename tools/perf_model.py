@@ -110,6 +110,11 @@ class KernelAdapter:
     weights_per_program: Callable[[dict], int] | None = None
     flops: Callable[[dict], int] | None = None
     variant_keys: tuple = ()
+    # split-K kernels whose last program reduces the partials: the fraction of programs that run
+    # the code after the predicated EXIT (perf_model_sass.cold_region), and how many times its
+    # instructions run there by loop depth (depth 1, 2, ...; depth 0 runs once)
+    cold_fraction: Callable[[dict], float] | None = None
+    cold_loop_trips: Callable[[dict], tuple] | None = None
 
 
 def _dot_dtype(a: dict) -> str:
@@ -117,25 +122,44 @@ def _dot_dtype(a: dict) -> str:
 
 
 ADAPTERS = {
-    # kernels/gemv.py: tile [BLOCK_M, BLOCK_P] per program, K range R_SPLIT in steps of BLOCK_R
-    "_qgemv_kernel": KernelAdapter(
+    # kernels/gemv.py, M = 1: program (k-slice, row group) loops over its rows BLOCK_N at a time,
+    # each iteration TK x 64 codes of BLOCK_N rows; the last of a row group's SLICES programs
+    # reduces the partials (row blocks x slices)
+    "_gemv_fma_kernel": KernelAdapter(
         weight_param="w_ptr",
-        weights_per_iter=lambda a: a["BLOCK_P"] * a["BLOCK_R"],
-        iters=lambda a: cdiv(a["R_SPLIT"], a["BLOCK_R"]),
-        flops=lambda a: 2 * a["BLOCK_M"] * a["BLOCK_P"] * cdiv(a["R_SPLIT"], a["BLOCK_R"]) * a["BLOCK_R"],
-        variant_keys=("BLOCK_M", "BLOCK_P", "BLOCK_R", "SPLIT", "USE_DOT", "PAIRED", "ROW_BLOCKS")),
+        weights_per_iter=lambda a: a["TK"] * 64 * a["BLOCK_N"],
+        iters=lambda a: cdiv(min(a["rows_per_cta"], a["N"]), a["BLOCK_N"]),
+        variant_keys=("TK", "BLOCK_N", "DECODE", "SPLIT_K"),
+        cold_fraction=lambda a: 1.0 / a["SLICES"],
+        cold_loop_trips=lambda a: (cdiv(min(a["rows_per_cta"], a["N"]), a["BLOCK_N"]),
+                                   a["SLICES"] * cdiv(min(a["rows_per_cta"], a["N"]), a["BLOCK_N"]))),
+    # kernels/gemv.py, 2 <= M <= 16: program (row tile, split) loops over its K range 64 at a time;
+    # the dot is [64, 64] x [64, BLOCK_N] (x's rows padded to 64, the warpgroup MMA's minimum)
+    "_gemv_mma_kernel": KernelAdapter(
+        weight_param="w_ptr",
+        weights_per_iter=lambda a: a["BLOCK_N"] * 64,
+        iters=lambda a: cdiv(min(a["k_per_split"], a["K"]), 64),
+        flops=lambda a: 2 * 64 * a["BLOCK_N"] * a["k_per_split"],
+        variant_keys=("BLOCK_N", "DECODE", "SPLIT_K"),
+        cold_fraction=lambda a: 1.0 / a["SPLIT"],
+        cold_loop_trips=lambda a: (a["SPLIT"],)),
     # kernels/gemm.py: tile [BLOCK_M, BLOCK_P] per program, all of R in steps of BLOCK_R
     "_qgemm_kernel": KernelAdapter(
         weight_param="w_ptr",
         weights_per_iter=lambda a: a["BLOCK_P"] * a["BLOCK_R"],
         iters=lambda a: cdiv(a["R"], a["BLOCK_R"]),
         flops=lambda a: 2 * a["BLOCK_M"] * a["BLOCK_P"] * cdiv(a["R"], a["BLOCK_R"]) * a["BLOCK_R"],
-        variant_keys=("BLOCK_M", "BLOCK_P", "BLOCK_R", "QUANTIZED", "PAIRED", "ROW_BLOCKS")),
+        variant_keys=("BLOCK_M", "BLOCK_P", "BLOCK_R", "PAIRED", "ROW_BLOCKS")),
     # kernels/dequant.py: BLOCK_BYTES packed bytes (2 weights each) per program, no loop
     "_dequant_kernel": KernelAdapter(
         weight_param="w_ptr",
         weights_per_program=lambda a: 2 * a["BLOCK_BYTES"],
         variant_keys=("BLOCK_BYTES",)),
+    # kernels/dequant.py, whole-block tensors: NB blocks of BLOCKSIZE weights per program, no loop
+    "_dequant_blocks_kernel": KernelAdapter(
+        weight_param="w_ptr",
+        weights_per_program=lambda a: a["NB"] * a["BLOCKSIZE"],
+        variant_keys=("NB", "DECODE")),
 }
 # The public ops whose launches make a row, and the row kind they give.
 OP_ROWS = {"qlora::nf4_linear": "fwd", "qlora::nf4_linear_dx": "dx", "qlora::dequantize": "dequant"}
@@ -154,7 +178,9 @@ def retarget_kernels() -> None:
     import torch
 
     import kernels
-    from kernels import dispatch
+    from kernels import _decode, dispatch
+
+    _decode.ASSUME_VERIFIED = True  # the stand-in driver compiles and never runs the self-check
 
     for info in pkgutil.iter_modules(kernels.__path__):
         importlib.import_module(f"kernels.{info.name}")
@@ -224,6 +250,15 @@ class Model:
             instr, lsu = st.n_instr, st.lsu_cycles  # straight-line kernel: every instruction once
             if ad and ad.weights_per_program:
                 tipw = st.n_instr * 32 * warps / ad.weights_per_program(a)
+        if ad and ad.cold_fraction and st.cold_instr:
+            # the reduce-the-partials block runs in a fraction f of the programs, its loops
+            # cold_loop_trips times there: per program on average
+            f = ad.cold_fraction(a)
+            trips = (1,) + tuple(ad.cold_loop_trips(a) if ad.cold_loop_trips else ())
+            run_i = sum(n * trips[min(d, len(trips) - 1)] for d, (n, _) in st.cold_by_depth.items())
+            run_l = sum(c * trips[min(d, len(trips) - 1)] for d, (_, c) in st.cold_by_depth.items())
+            instr += run_i * f - st.cold_instr
+            lsu += run_l * f - st.cold_lsu_cycles
         flops = ad.flops(a) if (ad and ad.flops and st.tensor_core) else 0
         code_bits = None
         if ad and ad.weight_param in launch.ptx_params:

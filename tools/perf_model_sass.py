@@ -7,7 +7,8 @@ address (``/*0440*/``). A branch (``BRA``/``JMP``) whose target lies *before* it
 loop back-edge; the loop body is ``[target, branch]`` (the ``BRA`` to itself after ``EXIT`` is
 padding, not a loop). Of all loops, the candidates are those with a global load inside (``LDG``,
 ``LDGSTS``, TMA) that contain no smaller such loop (innermost); the steady-state loop is the
-candidate with the most global-load instructions (the weight stream), ties to the longer body.
+candidate with the longest body (the weight stream; a split-K reduction loop in the same kernel
+loads too, but is short), ties to the most global loads.
 Every instruction of the body counts once per back-edge, i.e. per iteration, whatever forward
 branches inside would skip (an upper bound; Triton's K loops have none today); a ``CALL`` in the
 body adds its subroutine (up to its ``RET``) once per call site. A software-
@@ -16,7 +17,9 @@ it). A loop unrolled by ptxas by U with a remainder loop shows as two candidates
 mix differs by the factor U: ``unroll`` reports U and the caller divides per-iteration figures.
 
 Load widths: ``.U8``/``.S8`` 8 bits, ``.U16``/``.S16`` 16, ``.64`` 64, ``.128`` 128, otherwise 32
-(per thread). ``LSU`` cycles charge each warp-wide memory instruction one 128-byte wavefront per
+(per thread). ``LSU`` cycles charge each warp shuffle (``SHFL``) one cycle (32 lanes per clock per
+SM, through the same MIO path as shared memory), and each warp-wide memory instruction one 128-byte
+wavefront per
 clock: ``max(1, width_bits * 32 / 8 / 128)`` (``LDSM``/``STSM``: ``.x4`` moves 128 bits per
 thread). That assumes conflict-free shared accesses and one cache line per gathered ``LDG``, so
 it is a lower bound on load/store cycles.
@@ -52,6 +55,7 @@ class Instr:
     addr: int
     opcode: str  # with modifiers, e.g. "LDG.E.128"
     operands: str
+    predicated: bool = False  # guarded by a (non-PT) predicate
 
     @property
     def base(self) -> str:
@@ -71,6 +75,8 @@ class Instr:
 
     @property
     def lsu_cycles(self) -> float:
+        if self.base == "SHFL":
+            return 1.0
         if self.base not in MEMORY_OPS:
             return 0.0
         if self.base in TMA_LOADS:
@@ -97,13 +103,15 @@ def parse_sass(text: str) -> list[Instr]:
         m = _LINE.match(line)
         if not m:
             continue
-        body = _PRED.sub("", m.group(2).strip())
+        raw = m.group(2).strip()
+        body = _PRED.sub("", raw)
         if not body:
             continue
         opcode, _, operands = body.partition(" ")
         if opcode == "NOP":
             continue
-        out.append(Instr(int(m.group(1), 16), opcode, operands.strip()))
+        predicated = body != raw and not raw.startswith("@PT ")
+        out.append(Instr(int(m.group(1), 16), opcode, operands.strip(), predicated))
     return out
 
 
@@ -156,6 +164,24 @@ def callee(instrs: list[Instr], target: int) -> list[Instr]:
     return body
 
 
+ATOMICS = {"ATOMG", "ATOM", "RED", "REDG"}
+
+
+def cold_region(instrs: list[Instr], after: int) -> list[Instr]:
+    """Instructions after the first predicated ``EXIT`` that follows an atomic at or after address
+    ``after`` (the end of the main loop): a split-K kernel's "the last program reduces the partials"
+    block, which only the programs that did not exit run. Empty when the kernel has no such exit."""
+    seen_atomic = False
+    for k, ins in enumerate(instrs):
+        if ins.addr < after:
+            continue
+        if ins.base in ATOMICS:
+            seen_atomic = True
+        elif seen_atomic and ins.base == "EXIT" and ins.predicated:
+            return instrs[k + 1:]
+    return []
+
+
 def with_callees(body: list[Instr], instrs: list[Instr]) -> list[Instr]:
     """``body`` plus, for each ``CALL`` in it, the called subroutine's instructions (once per
     call site: a call executes its callee each time it runs)."""
@@ -174,7 +200,7 @@ def steady_state_loop(loops: list[Loop]) -> tuple[Loop | None, int]:
     innermost = [lp for lp in loading if not any(lp.contains(o) for o in loading)]
     if not innermost:
         return None, 1
-    main = max(innermost, key=lambda lp: (len(lp.global_loads()), lp.n_instr))
+    main = max(innermost, key=lambda lp: (lp.n_instr, len(lp.global_loads())))
     unroll = 1
     mix = main.load_mix()
     for other in innermost:
@@ -207,6 +233,11 @@ class SassStats:
     ldg_bits_hist: dict = field(default_factory=dict)  # {bits: count} of global loads, same scope
     tma_loads: int = 0
     loop_span: tuple | None = None  # (start, end) addresses
+    cold_instr: int = 0  # after a predicated EXIT that follows an atomic (``cold_region``)
+    cold_lsu_cycles: float = 0.0
+    # the cold instructions and their LSU cycles by loop depth inside the cold block:
+    # {depth: (instructions, lsu cycles)} (a split-K reduction loops over row blocks and splits)
+    cold_by_depth: dict = field(default_factory=dict)
 
     @property
     def nonloop_instr(self) -> int:
@@ -223,9 +254,18 @@ def analyse(sass_text: str, res_text: str) -> SassStats:
     if not instrs:
         raise ValueError("no SASS instructions found in the cuobjdump listing")
     res = parse_res_usage(res_text)
-    loop, unroll = steady_state_loop(find_loops(instrs))
+    loops = find_loops(instrs)
+    loop, unroll = steady_state_loop(loops)
     scope = loop.instrs if loop is not None else instrs
     per_iter = with_callees(loop.instrs, instrs) if loop is not None else []
+    cold = cold_region(instrs, loop.end if loop is not None else 0)
+    cold_addrs = {i.addr for i in cold}
+    cold_loops = [lp for lp in loops if lp.start in cold_addrs]
+    by_depth: dict = {}
+    for i in cold:
+        d = sum(lp.start <= i.addr <= lp.end for lp in cold_loops)
+        n, c = by_depth.get(d, (0, 0.0))
+        by_depth[d] = (n + 1, c + i.lsu_cycles)
     loads = [i for i in scope if i.base in GLOBAL_LOADS]
     hist = Counter(128 if i.base in TMA_LOADS else i.width_bits for i in loads)
     return SassStats(
@@ -244,6 +284,9 @@ def analyse(sass_text: str, res_text: str) -> SassStats:
         ldg_bits_hist={str(k): hist[k] for k in sorted(hist)},
         tma_loads=sum(i.base in TMA_LOADS for i in loads),
         loop_span=(loop.start, loop.end) if loop else None,
+        cold_instr=len(cold),
+        cold_lsu_cycles=sum(i.lsu_cycles for i in cold),
+        cold_by_depth=by_depth,
     )
 
 
