@@ -107,7 +107,9 @@ def _check_inputs(x, qt, lora_A, lora_B, scale, bias, dropout_p):
         if lora_A.shape[0] != lora_B.shape[1]:
             raise ValueError(f"LoRA rank mismatch: lora_A has r={lora_A.shape[0]} rows but lora_B has "
                              f"r={lora_B.shape[1]} columns")
-    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
+    if not (type(scale) is float or type(scale) is int) and (isinstance(scale, bool) or not isinstance(scale, Real)):
+        raise TypeError(f"scale must be a finite real number, got {scale!r}")
+    if not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number, got {scale!r}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
@@ -116,7 +118,8 @@ def _check_inputs(x, qt, lora_A, lora_B, scale, bias, dropout_p):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
+    if (not (type(dropout_p) is float or type(dropout_p) is int)
+            and (isinstance(dropout_p, bool) or not isinstance(dropout_p, Real))) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     return n, k
 

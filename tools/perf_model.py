@@ -427,6 +427,12 @@ def trace_linear(model: Model, N: int, K: int, M: int, nested: bool, train: bool
     B = torch.empty((N, rank), dtype=dt, requires_grad=True) if rank else None
     dy = torch.empty((M, N), dtype=dt)
     regime = kernels.choose_regime(M)
+    with T.trace(OP_NAMESPACES):  # warm-up, not modelled: one-time set-up (split-K counters and
+        y = kernels.qlora_linear(x, qt, A, B, LORA_SCALE)  # workspace, a code table's byte planes) is
+        y.backward(dy)  # done by the first call; decode loops run the second and later ones
+    x.grad = None
+    if rank:
+        A.grad = B.grad = None
     with T.trace(OP_NAMESPACES) as tr:
         y = kernels.qlora_linear(x, qt, A, B, LORA_SCALE)
         n_fwd = len(tr.launches)
