@@ -103,17 +103,19 @@ def _verdict(rows: list[dict], what: str) -> dict:
 
 
 def smoke(ctx: StepContext) -> dict:
-    """Cheap and first: versions and device (printed and recorded before anything can hang), one
-    tiny qlora_linear forward + backward against a float32 reference, then the bitsandbytes
-    import (the carried wheel's test; the device record is written again with it)."""
+    """Cheap and first: versions and device (printed and recorded before anything can hang), the
+    asm 4-bit decoders against the plain one bit for bit, one tiny qlora_linear forward + backward
+    against a float32 reference, then the bitsandbytes import (the carried wheel's test; the device
+    record is written again with it)."""
     from . import gpu_checks
 
     env = environment(ctx.device)
     ctx.emit(env, kind="env")
     print(json.dumps(env, indent=1), flush=True)
     dev = torch.device(ctx.device)
-    rows = gpu_checks.check_qlora_linear(dev, dtype=_check_dtype(dev), cases=[ctx.param("case", SMOKE_CASE)],
-                                         regimes=("auto",), emit=ctx.emit)
+    rows = gpu_checks.check_decoders(dev, emit=ctx.emit)
+    rows += gpu_checks.check_qlora_linear(dev, dtype=_check_dtype(dev), cases=[ctx.param("case", SMOKE_CASE)],
+                                          regimes=("auto",), emit=ctx.emit)
     for r in rows:
         print(f"[smoke] {r['check']} {r['case']}: {'ok' if r['ok'] else 'FAILED'} (err/bound {r['worst_ratio']:.3g})",
               flush=True)

@@ -54,8 +54,10 @@ def _read_jsonl(path: Path) -> dict:
     return {"benchmark": "gpu_suite", "date": env.get("date") or plan.get("date"), "environment": env}
 
 
-def collect(results_dir: Path = RESULTS_DIR) -> list[dict]:
-    """The latest result per benchmark: name, date, device, versions, markdown, commit date."""
+def collect(results_dir: Path | None = None) -> list[dict]:
+    """The latest result per benchmark: name, date, device, versions, markdown, commit date
+    (``results_dir`` defaults to ``RESULTS_DIR``, read at call time)."""
+    results_dir = RESULTS_DIR if results_dir is None else results_dir
     latest: dict[str, dict] = {}
     paths = sorted(results_dir.glob("*.json")) + sorted(results_dir.glob("*.jsonl")) if results_dir.exists() else []
     for path in paths:

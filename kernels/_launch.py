@@ -1,14 +1,13 @@
-"""What the two matmul launchers (``gemm``, ``gemv``) share: the problem description.
+"""The generic GEMM's problem description (``MatmulProblem``) and launch helpers.
 
-Both kernels compute, for an activation ``a: [M, R]`` and the frozen weight read as
+The kernel computes, for an activation ``a: [M, R]`` and the frozen weight read as
 ``Wop: [R, P]`` (``Wop = Wᵀ`` forward, ``Wop = W`` for dx),
 
     out[M, P] = a @ Wop  +  scale * S @ L  (⊙ dropout keep / (1-p))  +  bias
 
 Element (r, p) of Wop is element ``r * stride_wr + p * stride_wp`` of the row-major W: [N, K]
 (forward: r = k, p = n -> strides (1, K); dx: r = n, p = k -> strides (K, 1)). So one kernel
-reads W in both orientations and no transposed copy is ever made. With ``dense`` set, the
-weight is an already dequantized [N, K] buffer read with the same strides.
+reads W in both orientations and no transposed copy is ever made.
 """
 
 from __future__ import annotations
@@ -24,10 +23,26 @@ from ._tl import manual_bf16, tl_dtype
 from .dispatch import interpreting
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side launch arithmetic (``triton.cdiv`` is a JIT-aware wrapper that
+    costs tens of microseconds per call from Python)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), host side."""
+    return 1 << (n - 1).bit_length()
+
+
+_NULL = contextlib.nullcontext()
+
+
 def device_guard(t: torch.Tensor):
     """Make ``t``'s GPU the current one: Triton launches on the current device, which need not
-    be the tensors' (e.g. a model spread over several GPUs)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    be the tensors' (e.g. a model spread over several GPUs). A no-op when it already is."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return _NULL
+    return torch.cuda.device(t.device)
 
 
 def launch_fitting(kernel, grid, args: list, kwargs: dict) -> None:
@@ -54,7 +69,7 @@ class MatmulProblem:
     R: int
     stride_wr: int
     stride_wp: int
-    state: tuple  # (data, absmax, code, nested_absmax, nested_code, offset) or (dense_w,)
+    state: tuple  # (data, absmax, code, nested_absmax, nested_code, offset)
     blocksize: int
     lora_s: torch.Tensor | None = None  # [M, RANK]
     lora_l: torch.Tensor | None = None  # viewed so that L(j, p) = lora_l[j * stride_lj + p * stride_lp]
@@ -69,20 +84,12 @@ class MatmulProblem:
     def M(self) -> int:
         return self.a.shape[0]
 
-    @property
-    def dense(self) -> bool:
-        return len(self.state) == 1
-
     def pointer_args(self) -> list:
         """Kernel pointers: activation, the 6 weight pointers, S, L, bias, seed (dummies when unused)."""
-        if self.dense:
-            w = self.state[0]
-            wptrs = [w, w, w, w, w, w]
-        else:
-            data, absmax, code, nabs, ncode, offset = self.state
-            nested = nabs is not None
-            wptrs = [data, absmax, code, nabs if nested else absmax, ncode if nested else code,
-                     offset if nested else code]
+        data, absmax, code, nabs, ncode, offset = self.state
+        nested = nabs is not None
+        wptrs = [data, absmax, code, nabs if nested else absmax, ncode if nested else code,
+                 offset if nested else code]
         dummy = self.a
         return [self.a, *wptrs,
                 self.lora_s if self.lora_s is not None else dummy,
@@ -103,7 +110,7 @@ class MatmulProblem:
     def pairing(self, block_r: int, use_dot: bool) -> dict:
         """PAIRED: the forward orientation with K even, read one byte per two weights
         (``_tl.dequant_pairs``); ROW_BLOCKS: each row chunk of BLOCK_R lies in one absmax block."""
-        paired = (not self.dense) and self.stride_wr == 1 and self.stride_wp % 2 == 0 and block_r % 2 == 0
+        paired = self.stride_wr == 1 and self.stride_wp % 2 == 0 and block_r % 2 == 0
         if paired and use_dot and block_r < 32:
             paired = False  # tl.dot needs an inner dimension >= 16 per half
         row_blocks = paired and self.R % self.blocksize == 0 and self.blocksize % block_r == 0
@@ -115,10 +122,10 @@ class MatmulProblem:
         interp = interpreting()
         dtype = self.a.dtype
         fp32_dot = dot_operands_fp32 or dtype == torch.float32 or (interp and dtype == torch.bfloat16)
-        nested = (not self.dense) and self.state[3] is not None
+        nested = self.state[3] is not None
         return dict(
-            QUANTIZED=not self.dense, BLOCKSIZE=self.blocksize, NESTED=nested,
-            HAS_LORA=self.lora_s is not None, BLOCK_RANK=max(16, triton.next_power_of_2(max(rank, 1))),
+            BLOCKSIZE=self.blocksize, NESTED=nested,
+            HAS_LORA=self.lora_s is not None, BLOCK_RANK=max(16, next_pow2(max(rank, 1))),
             HAS_DROPOUT=self.seed is not None and self.p > 0, HAS_BIAS=self.bias is not None,
             DOT_DTYPE=tl_dtype(torch.float32 if fp32_dot else dtype), IEEE=fp32_dot,
             OUT_DTYPE=tl_dtype(out_dtype), MANUAL_BF16=manual_bf16(out_dtype, interp),

@@ -87,14 +87,14 @@ def load_a_pairs(a_ptr, offs_m, r0, M, R, stride_am, stride_ar, BLOCK_R: tl.cons
 @triton.jit
 def k_step(acc, a_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset, r0, offs_m, offs_p, offs_r,
            M, P, R, stride_am, stride_ar, stride_wr, stride_wp,
-           BLOCK_R: tl.constexpr, QUANTIZED: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+           BLOCK_R: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
            PAIRED: tl.constexpr, ROW_BLOCKS: tl.constexpr,
            USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
-    """One reduction step shared by the GEMM and GEMV kernels: ``acc += a[:, r0:r0+BLOCK_R] @ W``.
+    """One reduction step of the generic GEMM: ``acc += a[:, r0:r0+BLOCK_R] @ W``.
 
     PAIRED (forward orientation, K even): each packed byte is loaded once and gives the even-r
     (high nibble) and odd-r (low nibble) weight tiles. Otherwise (any orientation) the nibbles
-    are gathered element by element; QUANTIZED=False reads an already dequantized buffer.
+    are gathered element by element.
     """
     if PAIRED:
         a_even, a_odd = load_a_pairs(a_ptr, offs_m, r0, M, R, stride_am, stride_ar, BLOCK_R)
@@ -108,11 +108,8 @@ def k_step(acc, a_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset,
                     mask=(offs_m[:, None] < M) & (r[None, :] < R), other=0.0)
         w_mask = (r[:, None] < R) & (offs_p[None, :] < P)
         w_idx = r[:, None] * stride_wr + offs_p[None, :] * stride_wp
-        if QUANTIZED:
-            w = dequant_elements(w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset, w_idx, w_mask,
-                                 BLOCKSIZE, NESTED)
-        else:
-            w = tl.load(w_ptr + w_idx, mask=w_mask, other=0.0)
+        w = dequant_elements(w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset, w_idx, w_mask,
+                             BLOCKSIZE, NESTED)
         acc = mma(a, w, acc, USE_DOT, DOT_DTYPE, IEEE)
     return acc
 
@@ -166,12 +163,17 @@ def manual_bf16(dtype, interpret: bool) -> bool:
     return interpret and dtype == torch.bfloat16
 
 
+_TL_DTYPES: dict = {}
+
+
 def tl_dtype(dtype):
     """The Triton element type of a torch floating dtype."""
-    import torch
+    if not _TL_DTYPES:
+        import torch
 
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-            torch.float64: tl.float64}[dtype]
+        _TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                           torch.float64: tl.float64})
+    return _TL_DTYPES[dtype]
 
 
 @triton.jit

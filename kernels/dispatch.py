@@ -29,9 +29,13 @@ SUPPORTED_DEVICES = ("cpu", "cuda")
 _state = threading.local()
 
 
+# Read once, like Triton itself: TRITON_INTERPRET must be set before the kernels are defined.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRET
 
 
 def check_device(t: torch.Tensor, name: str = "input") -> None:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._launch import device_guard
+from ._launch import cdiv, device_guard
 from ._tl import cast_out, keep_mask, manual_bf16, tl_dtype
 from .dispatch import interpreting, use_triton
 
@@ -53,7 +53,7 @@ def dropout_launch(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tenso
     if M * K == 0:
         return out
     with device_guard(x):
-        _dropout_kernel[(triton.cdiv(M * K, BLOCK),)](
+        _dropout_kernel[(cdiv(M * K, BLOCK),)](
             x, out, seed, M, K, x.stride(0), x.stride(1),
             reference.dropout_threshold(p), 1.0 / (1.0 - p),
             BLOCK=BLOCK, OUT_DTYPE=tl_dtype(x.dtype), MANUAL_BF16=manual_bf16(x.dtype, interpreting()),

@@ -1,5 +1,7 @@
-"""Large-M regime: a tiled GEMM with the weight dequantized inside the K loop (or read from a
-dequantized-once dense buffer), with the LoRA term and the bias fused into the epilogue.
+"""The generic regime: a tiled GEMM with the weight dequantized inside the K loop, with the LoRA
+term, the dropout mask of dx and the bias fused into the epilogue. It reads W in either
+orientation and any shape (forward for mid-size M, dx below the dequantize-once threshold, odd K,
+blocksizes below 64).
 
 Math (``kernels._launch`` explains Wop and the two orientations):
 
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import MatmulProblem, launch_fitting
+from ._launch import MatmulProblem, cdiv, launch_fitting
 from ._tl import cast_out, k_step, load_offset, lora_bias_epilogue
 
 __all__ = ["gemm_launch", "gemm_config"]
@@ -30,7 +32,7 @@ __all__ = ["gemm_launch", "gemm_config"]
 
 @triton.jit
 def _qgemm_kernel(
-    a_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr,  # a: [M, R]; W (or dense W)
+    a_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr,  # a: [M, R]; W packed
     s_ptr, l_ptr, bias_ptr, seed_ptr,  # epilogue operands
     out_ptr,  # [M, P]
     M, P, R, RANK,
@@ -39,7 +41,7 @@ def _qgemm_kernel(
     scale, threshold, keep_scale,
     stride_om, stride_op,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    QUANTIZED: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     PAIRED: tl.constexpr, ROW_BLOCKS: tl.constexpr,
     HAS_LORA: tl.constexpr, BLOCK_RANK: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, OUT_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr,
@@ -62,7 +64,7 @@ def _qgemm_kernel(
     for r0 in range(0, R, BLOCK_R):
         acc = k_step(acc, a_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset, r0, offs_m, offs_p, offs_r,
                      M, P, R, stride_am, stride_ar, stride_wr, stride_wp,
-                     BLOCK_R, QUANTIZED, BLOCKSIZE, NESTED, PAIRED, ROW_BLOCKS, True, DOT_DTYPE, IEEE)
+                     BLOCK_R, BLOCKSIZE, NESTED, PAIRED, ROW_BLOCKS, True, DOT_DTYPE, IEEE)
 
     acc = lora_bias_epilogue(acc, offs_m, offs_p, M, P, s_ptr, stride_sm, stride_sj, l_ptr, stride_lj, stride_lp,
                              RANK, scale, bias_ptr, seed_ptr, threshold, keep_scale,
@@ -90,13 +92,13 @@ def gemm_launch(prob: MatmulProblem, out_dtype: torch.dtype, config: dict | None
         return out
     cfg = dict(config or gemm_config(M, P, prob.R, prob.a.device))
     flags = prob.pairing(cfg["BLOCK_R"], True)
-    if "num_stages" in cfg and not prob.dense and not flags["ROW_BLOCKS"]:
+    if "num_stages" in cfg and not flags["ROW_BLOCKS"]:
         # Per-element absmax decode (dx, or K not a multiple of the blocksize): every pipeline
         # stage buffers gathered byte / absmax-code / scale tiles. Compiled with triton 3.6 for
         # sm_90, 3-4 stages need up to 376 KB of shared memory, over the 227 KB an H100/H200
-        # block may use; 2 stages need <= 164 KB (ROW_BLOCKS and dense: <= 200 KB as configured).
+        # block may use; 2 stages need <= 164 KB (ROW_BLOCKS: <= 200 KB as configured).
         cfg["num_stages"] = min(cfg["num_stages"], 2)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(P, cfg["BLOCK_P"]),)
     launch_fitting(
         _qgemm_kernel, grid,
         [*prob.pointer_args(), out, *prob.scalar_args(), out.stride(0), out.stride(1)],

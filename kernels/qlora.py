@@ -22,7 +22,7 @@ import torch
 from . import reference
 from .dispatch import check_device
 from .dropout import dropout_op, new_seed
-from .matmul import nf4_linear_dx_op, nf4_linear_op
+from .matmul import nf4_linear, nf4_linear_dx_op, nf4_linear_op
 from .state import quant_state, weight_dims
 
 __all__ = ["qlora_linear", "nf4_matmul", "QLoRALinearFunction"]
@@ -107,7 +107,9 @@ def _check_inputs(x, qt, lora_A, lora_B, scale, bias, dropout_p):
         if lora_A.shape[0] != lora_B.shape[1]:
             raise ValueError(f"LoRA rank mismatch: lora_A has r={lora_A.shape[0]} rows but lora_B has "
                              f"r={lora_B.shape[1]} columns")
-    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
+    if not (type(scale) is float or type(scale) is int) and (isinstance(scale, bool) or not isinstance(scale, Real)):
+        raise TypeError(f"scale must be a finite real number, got {scale!r}")
+    if not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number, got {scale!r}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
@@ -116,7 +118,8 @@ def _check_inputs(x, qt, lora_A, lora_B, scale, bias, dropout_p):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
+    if (not (type(dropout_p) is float or type(dropout_p) is int)
+            and (isinstance(dropout_p, bool) or not isinstance(dropout_p, Real))) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     return n, k
 
@@ -155,7 +158,7 @@ def qlora_linear(
     if lora_A is not None and lora_A.shape[0] == 0:  # rank 0 contributes nothing
         lora_A = lora_B = None
     lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), k)
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(lead), k)
     p = float(dropout_p) if (training and lora_A is not None) else 0.0
     seed_t = None
     if p > 0:
@@ -170,10 +173,12 @@ def qlora_linear(
         t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
     if needs_grad:
         y = QLoRALinearFunction.apply(x2, lora_A, lora_B, bias, *state, seed_t, n, k, qt.blocksize, float(scale), p)
-    else:  # inference: the same ops, without autograd bookkeeping (decode is launch-bound)
+    else:  # inference: the same math without autograd bookkeeping, and, in eager mode, without the
+        # torch.library dispatch (decode is launch-bound: tools/perf_model.py reports the host cost)
         s = None if lora_A is None else _lora_down(x2, lora_A, seed_t, p)[1]
-        y = nf4_linear_op(x2, *state, n, k, qt.blocksize, s, lora_B, float(scale), bias)
-    return y.view(*lead, n)
+        linear = nf4_linear_op if torch.compiler.is_compiling() else nf4_linear
+        y = linear(x2, *state, n, k, qt.blocksize, s, lora_B, float(scale), bias)
+    return y if x.dim() == 2 else y.view(*lead, n)
 
 
 def nf4_matmul(x: torch.Tensor, qt, bias: torch.Tensor | None = None) -> torch.Tensor:

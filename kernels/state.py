@@ -34,6 +34,7 @@ def weight_dims(qt, name: str = "qt") -> tuple[int, int]:
 
 def quant_state(qt) -> tuple[torch.Tensor, ...]:
     """``(data, absmax, code, nested_absmax, nested_code, offset)``; the last three may be None."""
-    if qt.nested:
-        return qt.data, qt.absmax, qt.code, qt.nested_absmax, qt.nested_code, qt.offset.reshape(())
-    return qt.data, qt.absmax, qt.code, None, None, None
+    off = qt.offset
+    if off is None:
+        return qt.data, qt.absmax, qt.code, None, None, None
+    return qt.data, qt.absmax, qt.code, qt.nested_absmax, qt.nested_code, off if off.dim() == 0 else off.reshape(())

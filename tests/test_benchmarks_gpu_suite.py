@@ -335,12 +335,12 @@ def test_lora_step_rows(tmp_path):
 
 def test_smoke_writes_the_device_record_first(tmp_path):
     ctx = _ctx(tmp_path, "smoke", case=[1, 24, 64, 4, True, "2d"])
-    assert gpu_steps.smoke(ctx)["note"] == "4/4 smoke checks passed"
+    assert gpu_steps.smoke(ctx)["note"] == "7/7 smoke checks passed"  # 3 decoder tables (CPU: plain) + 4
     recs = ctx.records()
     assert recs[0]["kind"] == "env" and recs[0]["torch"] == torch.__version__ and recs[0]["python"]
-    assert [r["check"] for r in recs[1:5]] == ["qlora_linear y", "qlora_linear dx", "qlora_linear dA",
-                                              "qlora_linear dB"]
-    assert recs[5]["kind"] == "env" and "bitsandbytes" in recs[5]         # the import comes last
+    assert [r["check"] for r in recs[1:8]] == ["decoder"] * 3 + ["qlora_linear y", "qlora_linear dx",
+                                                                 "qlora_linear dA", "qlora_linear dB"]
+    assert recs[8]["kind"] == "env" and "bitsandbytes" in recs[8]         # the import comes last
 
 
 def test_a_failed_check_fails_its_step(tmp_path, monkeypatch):

@@ -32,6 +32,29 @@ def test_dequantize_is_bit_identical_to_nf4(device, shape, quant_type, blocksize
         assert torch.equal(got, nf4.dequantize(qt, dtype)), dtype
 
 
+@pytest.mark.parametrize("blocksize,n_blocks", [(32, 600), (64, 1200), (256, 300), (4096, 3)])
+def test_whole_block_fast_path_is_bit_identical_and_taken(device, blocksize, n_blocks, monkeypatch):
+    """Tensors made of whole blocks run ``_dequant_blocks_kernel`` (one absmax decode a block,
+    eight codes a word); 1,200 blocks span five nested-absmax groups of 256, the last partial."""
+    from kernels import dequant
+
+    calls = []
+    real = dequant._dequant_blocks_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(dequant, "_dequant_blocks_kernel", Spy())
+    w = torch.randn(n_blocks, blocksize, device=device) * 2
+    for nested in (True, False):
+        qt = nf4.quantize(w, "nf4", blocksize, nested)
+        for dtype in (torch.bfloat16, torch.float32):
+            assert torch.equal(kernels.dequantize(qt, dtype), nf4.dequantize(qt, dtype)), (nested, dtype)
+    assert len(calls) == (4 if use_triton(w) else 0)
+
+
 def test_dequantize_rounds_bf16_to_nearest_even(device):
     # every absmax is a float32 exactly halfway between two bf16 values (low 16 bits 0x8000),
     # with odd and even upper halves and an all-ones mantissa (the carry reaches the exponent):

@@ -1,0 +1,95 @@
+"""The streaming GEMVs of the decode regime (``kernels.gemv``): which problems they take, and
+forward + every gradient against the reference within the derived bound (``run_case``).
+
+In the interpreter the kernels decode with the plain 'table' decoder (the asm decoders are proven
+in tests/test_kernels_decode.py and on a GPU by benchmarks.gpu_checks); the tiles are small, so
+these shapes cross row tails, several k-slices (M = 1) and several K splits (M >= 2), which
+exercises the in-launch split-K reduction and its counters.
+"""
+
+import pytest
+import torch
+
+import kernels
+import nf4
+from kernels import gemv
+from test_kernels_matmul import run_case
+
+# (M, N, K, r, bias, p, blocksize, nested, quant_type, three_d, noncontig, dtype)
+CASES = [
+    (1, 40, 256, 8, True, 0.25, 64, True, "nf4", False, False, torch.bfloat16),   # 2 k-slices, LoRA + dropout
+    (1, 17, 64, 0, False, 0.0, 64, False, "fp4", True, True, torch.float16),    # one slice, strided x
+    (1, 33, 384, 16, True, 0.0, 128, True, "nf4", False, True, torch.float32),  # fp32: exact levels
+    (1, 9, 512, 4, False, 0.0, 256, False, "nf4", True, False, torch.bfloat16),  # 4 slices, blocksize 256
+    (2, 40, 256, 8, True, 0.0, 64, True, "nf4", False, False, torch.bfloat16),   # 2 K splits
+    (5, 33, 128, 0, False, 0.0, 128, False, "fp4", True, True, torch.float16),
+    (16, 20, 192, 16, True, 0.25, 64, True, "nf4", False, False, torch.float16),  # 3 K steps, 2 splits
+    (7, 48, 64, 64, True, 0.0, 64, False, "fp4", True, False, torch.bfloat16),    # K = one step
+]
+
+
+def _id(c):
+    return "M{}-{}x{}-r{}-bs{}-{}{}-{}".format(c[0], c[1], c[2], c[3], c[6], c[8], "dq" if c[7] else "",
+                                               str(c[11]).split(".")[1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_streaming_gemv_forward_and_gradients_match_reference(device, case, monkeypatch):
+    launched = []
+    real = gemv.gemv_launch
+    monkeypatch.setattr(kernels.matmul, "gemv_launch", lambda *a, **k: launched.append(1) or real(*a, **k))
+    run_case(device, *case, regime="auto")
+    assert launched, "the decode regime did not take an aligned problem"
+
+
+def test_which_problems_the_streaming_gemv_takes():
+    assert gemv.gemv_kind(1, 4096, 64, torch.bfloat16) == "fma"
+    assert gemv.gemv_kind(1, 4096, 64, torch.float32) == "fma"
+    assert gemv.gemv_kind(16, 14336, 64, torch.float16) == "mma"
+    assert gemv.gemv_kind(17, 4096, 64, torch.bfloat16) is None  # above GEMV_MAX_M: GEMM regimes
+    assert gemv.gemv_kind(4, 4096, 64, torch.float32) is None  # fp32 tensor cores would round (TF32)
+    assert gemv.gemv_kind(1, 4100, 64, torch.bfloat16) is None  # K not a multiple of 64
+    assert gemv.gemv_kind(1, 4096, 32, torch.bfloat16) is None  # a 64-code group would span 2 blocks
+    assert gemv.gemv_kind(1, 192, 128, torch.bfloat16) is None  # rows start mid-block
+    assert kernels.choose_regime(1, K=4096, blocksize=64, dtype=torch.bfloat16) == "gemv"
+    assert kernels.choose_regime(1, forward=False) == "dequant_gemm"  # dx: dequantize once + cuBLAS
+    assert kernels.choose_regime(32, K=4096, N=14336) == "gemm"  # 112 tiles of 128: the grid fills the GPU
+    assert kernels.choose_regime(32, K=4096, N=4096) == "dequant_gemm"  # 32 tiles: too few programs
+    assert kernels.choose_regime(4096, K=4096, N=4096) == "dequant_gemm"  # training
+    with kernels.force_regime("gemv"):
+        assert kernels.choose_regime(3, K=100) == "gemm"  # forcing 'gemv' where it cannot run
+
+
+def test_split_k_is_deterministic_and_leaves_the_counters_at_zero(device):
+    if not kernels.dispatch.use_triton(torch.zeros(1, device=device)):
+        pytest.skip("reference backend")
+    qt = nf4.quantize(torch.randn(24, 384, device=device), "nf4", 64, True)
+    for M, dtype in ((1, torch.bfloat16), (3, torch.float16)):
+        x = torch.randn(M, 384, device=device).to(dtype)
+        y1 = kernels.nf4_matmul(x, qt)
+        y2 = kernels.nf4_matmul(x, qt)
+        assert torch.equal(y1, y2)
+    for counters, _ in gemv._counters.values():
+        assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_hybrid_word_split_and_rejoin_keep_every_weight_in_place(device, nested):
+    """The GPU's 'hybrid' decoder splits each thread's 4-word groups 3:1 between two decoders and
+    joins them back; 'hybrid_table' runs that split and re-join with the plain decoder (fp16-rounded
+    levels on the fourth word), so a misplaced word would show against the reference here."""
+    if not kernels.dispatch.use_triton(torch.zeros(1, device=device)):
+        pytest.skip("reference backend")
+    with gemv.force_decoder("hybrid_table"):
+        run_case(device, 1, 40, 256, 8, True, 0.0, 64, nested, "nf4", False, False, torch.bfloat16, regime="auto")
+        run_case(device, 1, 33, 384, 0, False, 0.0, 128, nested, "fp4", True, True, torch.float16, regime="auto")
+
+
+def test_forced_table_decoder_and_bad_decoder_name(device):
+    qt = nf4.quantize(torch.randn(16, 128, device=device), "nf4", 64, False)
+    x = torch.randn(1, 128, device=device).to(torch.bfloat16)
+    with gemv.force_decoder("table"):
+        assert torch.equal(kernels.nf4_matmul(x, qt), kernels.nf4_matmul(x, qt))
+    with pytest.raises(ValueError, match="decoder must be one of .* got 'lut'"):
+        with gemv.force_decoder("lut"):
+            pass

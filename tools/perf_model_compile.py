@@ -1,0 +1,106 @@
+"""``tools/perf_model.py --compile-check``: every kernel variant compiles for the H200.
+
+The H200 runs triton 3.6 while the repository is developed under the 3.9 interpreter, so a
+kernel can pass every CPU test and still fail to compile for sm_90a, or need more than the
+227 KB of shared memory a block may have. This sweep calls the public ops (every activation
+dtype, every matmul regime, odd shapes, LoRA / bias / dropout variants, the fused AdamW) on
+stand-in tensors through ``perf_model_trace`` (compile only, nothing runs) and prints each
+launch's registers, spills and shared memory.
+"""
+
+from __future__ import annotations
+
+import time
+
+from perf_model import OP_NAMESPACES, Model, cdiv, stand_in_weight
+
+__all__ = ["compile_cases", "compile_check"]
+
+
+def compile_cases():
+    """``[(name, thunk)]``: each thunk calls public ops with stand-in tensors so that one family
+    of kernel variants compiles (dtypes, regimes, odd shapes, LoRA / bias / dropout, AdamW)."""
+    import itertools
+
+    import torch
+
+    import kernels
+    from kernels.adamw import adamw_update
+
+    e = torch.empty
+    cases = []
+    for nested, dt in itertools.product((True, False), (torch.bfloat16, torch.float16, torch.float32)):
+        cases.append((f"dequant nested={nested} {dt}",
+                      lambda n=nested, d=dt: kernels.dequantize(stand_in_weight(64, 96, n), d)))
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        cases.append((f"dropout {dt}", lambda d=dt: kernels.dropout(e(8, 40, dtype=d), 0.3, 5)))
+    cases.append(("dropout seed tensor", lambda: kernels.dropout(e(8, 40, dtype=torch.float16), 0.3, torch.tensor(5))))
+    for pd, gd, eight, k in itertools.product((torch.float32, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                              (False, True), (1, 3)):
+        def adamw(pd=pd, gd=gd, eight=eight, k=k):
+            ps = [e(n, dtype=pd) for n in (300, 4096 + 17, 1000)[:k]]
+            gs = [e(p.numel(), dtype=gd) for p in ps]
+            sdt = torch.uint8 if eight else torch.float32
+            ms = [e(p.numel(), dtype=sdt) for p in ps]
+            vs = [e(p.numel(), dtype=sdt) for p in ps]
+            ab = ([e(cdiv(p.numel(), 256)) for p in ps], [e(cdiv(p.numel(), 256)) for p in ps]) if eight else (None, None)
+            adamw_update(ps, gs, ms, vs, step=3, lr=1e-3, weight_decay=0.01, exp_avg_absmax=ab[0],
+                         exp_avg_sq_absmax=ab[1], check=False)
+        cases.append((f"adamw p={pd} g={gd} 8bit={eight} tensors={k}", adamw))
+
+    def linear(M, N, K, r, bias, p, nested, dt, regime):
+        qt = stand_in_weight(N, K, nested)
+        x = e(M, K, dtype=dt, requires_grad=True)
+        A = e(r, K, dtype=dt, requires_grad=True) if r else None
+        B = e(N, r, dtype=dt, requires_grad=True) if r else None
+        with kernels.force_regime(regime):
+            y = kernels.qlora_linear(x, qt, A, B, 0.5, e(N, dtype=dt) if bias else None, p, seed=3)
+            y.backward(e(M, N, dtype=dt))
+
+    combos = [(M, 256, 512, 16, True, 0.1, True, dt, regime)
+              for dt in (torch.bfloat16, torch.float16, torch.float32)
+              for regime, M in (("gemv", 1), ("gemv", 4), ("gemv", 16), ("gemv", 64), ("gemm", 130), ("gemm", 64),
+                                ("dequant_gemm", 256))]
+    combos += [(1, 100, 73, 0, False, 0.0, False, torch.bfloat16, "gemv"),  # odd K, no LoRA, plain absmax
+               (8, 100, 66, 64, True, 0.0, False, torch.bfloat16, "gemv"),
+               (130, 100, 73, 1, False, 0.0, True, torch.bfloat16, "gemm"),
+               (130, 100, 96, 64, False, 0.2, False, torch.bfloat16, "gemm"),
+               (2, 100, 128, 8, True, 0.0, True, torch.float16, "gemv"),
+               (16, 100, 66, 16, True, 0.25, True, torch.bfloat16, "gemv"),
+               (130, 100, 73, 8, True, 0.25, True, torch.float32, "gemm"),
+               (64, 100, 73, 8, True, 0.25, True, torch.float16, "gemm"),
+               (3, 70, 100, 64, True, 0.25, True, torch.float32, "dequant_gemm"),
+               (3, 70, 100, 64, True, 0.25, True, torch.bfloat16, "dequant_gemm"),
+               (1, 70, 100, 64, True, 0.25, True, torch.float32, "gemm"),
+               (1300, 256, 512, 16, True, 0.1, True, torch.bfloat16, "auto")]
+    for c in combos:
+        cases.append((f"qlora_linear M={c[0]} N={c[1]} K={c[2]} r={c[3]} bias={c[4]} p={c[5]} nested={c[6]} "
+                      f"{c[7]} {c[8]}", lambda c=c: linear(*c)))
+    return cases
+
+
+def compile_check(model: Model) -> int:
+    """Compile every case of ``compile_cases`` for sm_90a; print each Triton launch's registers,
+    spills and shared memory; return the number of failing cases."""
+    import traceback
+
+    import perf_model_trace as T
+
+    failures = 0
+    for name, thunk in compile_cases():
+        t = time.time()
+        try:
+            with T.trace(OP_NAMESPACES) as tr:
+                thunk()
+            for la in tr.launches:
+                if hasattr(la, "cubin"):
+                    st = model.sass(la.cubin)
+                    print(f"    {la.name}: regs {st.regs}, spills {st.spills} B, shared {la.shared} B, "
+                          f"warps {la.num_warps}, stages {la.num_stages}", flush=True)
+            print(f"OK   {name} ({time.time() - t:.1f} s)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report every failing variant, then fail
+            failures += 1
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+            traceback.print_exc(limit=4)
+    print(f"compile check: {failures} failing case(s)", flush=True)
+    return failures
