@@ -21,6 +21,7 @@ import triton.language as tl
 from . import reference
 from ._launch import device_guard
 from ._tl import cast_out, decode_absmax, load_offset, manual_bf16, tl_dtype
+from .contract import check_dequantize
 from .dispatch import interpreting, use_triton
 from .state import check_quantized, quant_state
 
@@ -86,6 +87,7 @@ def dequantize_op(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Flat ``[numel]`` dequantized weight; Triton or reference per ``kernels.dispatch``."""
+    check_dequantize(data, absmax, code, nested_absmax, nested_code, offset, numel, blocksize, dtype)
     if use_triton(data):
         return dequantize_launch(data, absmax, code, nested_absmax, nested_code, offset, numel, blocksize, dtype)
     return reference.dequantize_packed(data, absmax, code, nested_absmax, nested_code, offset, numel,
