@@ -23,11 +23,13 @@ import weakref
 
 import torch
 
-__all__ = ["check_quant_state", "check_dequantize", "check_nf4_linear", "check_nf4_linear_dx", "check_dropout",
-           "BLOCKSIZES", "NESTED_BLOCKSIZE", "ACT_DTYPES", "OUT_DTYPES"]
+from nf4.blockwise import BLOCKSIZES
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what nf4.quantize and the kernels support
-NESTED_BLOCKSIZE = 256  # QLoRA double quantization
+from .state import NESTED_BLOCKSIZE
+
+__all__ = ["check_quant_state", "check_dequantize", "check_nf4_linear", "check_nf4_linear_dx", "check_dropout",
+           "ACT_DTYPES", "OUT_DTYPES"]
+
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # float64: reference path only
 OUT_DTYPES = ACT_DTYPES
 

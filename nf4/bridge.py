@@ -34,14 +34,13 @@ from numbers import Real
 import torch
 
 from .blockwise import BLOCKSIZES
+from .tensor import FLOAT_DTYPES, NESTED_BLOCKSIZE, QuantizedTensor
 
-__all__ = ["from_bnb", "QUANT_STATE_FIELDS", "NESTED_BLOCKSIZE"]
+__all__ = ["from_bnb", "QUANT_STATE_FIELDS"]
 
 QUANT_STATE_FIELDS = ("absmax", "code", "blocksize", "quant_type", "dtype", "shape", "offset", "state2")
 NESTED_FIELDS = ("absmax", "code", "blocksize")
-NESTED_BLOCKSIZE = 256  # QLoRA double quantization; the kernels read nested absmax in blocks of 256
-BNB_QUANT_TYPES = ("nf4", "fp4")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BNB_QUANT_TYPES = ("nf4", "fp4")  # what bitsandbytes' 4-bit format stores (not our int4)
 CODE_SIZE, NESTED_CODE_SIZE = 16, 256
 
 
@@ -122,8 +121,6 @@ def from_bnb(weight, quant_state=None):
         TypeError: not a tensor, an 8-bit weight, no quant_state, or a missing / mistyped field.
         ValueError: a field with the wrong dtype, size, device or value (the message names it).
     """
-    from .tensor import QuantizedTensor  # tensor.py attaches from_bnb as a classmethod
-
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor shaped like bitsandbytes' Params4bit, got "
                         f"{type(weight).__name__}")
