@@ -105,18 +105,18 @@ def _resolve(dotted: str):
 
 
 def _doc_params(params: str) -> list[tuple[str, inspect._ParameterKind, object]]:
+    """(name, kind, default) of each parameter of a documented signature; defaults are evaluated
+    (they are expressions such as ``torch.bfloat16``)."""
     args = ast.parse(f"def f({params}): pass").body[0].args
-    scope = {"torch": torch}
-    out = []
+    value = lambda node: eval(compile(ast.Expression(node), "<doc>", "eval"), {"torch": torch})  # noqa: E731, S307
     positional = args.posonlyargs + args.args
-    pos_defaults = [inspect.Parameter.empty] * (len(positional) - len(args.defaults)) + [
-        eval(compile(ast.Expression(d), "<doc>", "eval"), scope) for d in args.defaults]  # noqa: S307
-    for a, d in zip(positional, pos_defaults):
+    defaults = [inspect.Parameter.empty] * (len(positional) - len(args.defaults)) + [value(d) for d in args.defaults]
+    out = []
+    for a, d in zip(positional, defaults):
         kind = inspect.Parameter.POSITIONAL_ONLY if a in args.posonlyargs else inspect.Parameter.POSITIONAL_OR_KEYWORD
         out.append((a.arg, kind, d))
     for a, d in zip(args.kwonlyargs, args.kw_defaults):
-        default = inspect.Parameter.empty if d is None else eval(compile(ast.Expression(d), "<doc>", "eval"), scope)  # noqa: S307
-        out.append((a.arg, inspect.Parameter.KEYWORD_ONLY, default))
+        out.append((a.arg, inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty if d is None else value(d)))
     return out
 
 
