@@ -10,7 +10,10 @@ the plain-PyTorch reference (``kernels.reference``), except under ``TRITON_INTER
 CPU tensors run the Triton kernels through the interpreter. float64 always runs the reference.
 The ops are registered with torch.library (namespace ``qlora``) with fake implementations, so
 ``torch.compile(fullgraph=True)`` traces them. Importing this package never initialises CUDA.
+The ops' arguments, layouts and guarantees: docs/kernels.md.
 """
+
+__version__ = "0.1.0"  # semantic versioning of the public surface (README, "API stability"); = pyproject's
 
 from . import dispatch, reference
 from .dequant import dequantize

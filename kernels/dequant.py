@@ -31,6 +31,7 @@ from . import reference
 from ._decode import decode8_shfl, decode8_table, lane_table, verified
 from ._launch import cdiv, device_guard
 from ._tl import cast_out, decode_absmax, load_offset, manual_bf16, tl_dtype
+from .contract import check_dequantize
 from .dispatch import interpreting, use_triton
 from .state import check_quantized, quant_state
 
@@ -141,6 +142,7 @@ def dequantize_op(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Flat ``[numel]`` dequantized weight; Triton or reference per ``kernels.dispatch``."""
+    check_dequantize(data, absmax, code, nested_absmax, nested_code, offset, numel, blocksize, dtype)
     if use_triton(data):
         return dequantize_launch(data, absmax, code, nested_absmax, nested_code, offset, numel, blocksize, dtype)
     return reference.dequantize_packed(data, absmax, code, nested_absmax, nested_code, offset, numel,

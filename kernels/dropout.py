@@ -21,6 +21,7 @@ import triton.language as tl
 from . import reference
 from ._launch import cdiv, device_guard
 from ._tl import cast_out, keep_mask, manual_bf16, tl_dtype
+from .contract import check_dropout
 from .dispatch import interpreting, use_triton
 
 __all__ = ["dropout", "dropout_launch", "new_seed"]
@@ -64,6 +65,7 @@ def dropout_launch(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tenso
 @torch.library.custom_op("qlora::dropout", mutates_args=())
 def dropout_op(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """``x_hat`` of a 2-D ``x: [M, K]``; Triton or reference per ``kernels.dispatch``."""
+    check_dropout(x, seed, p)
     if use_triton(x):
         return dropout_launch(x, seed, p)
     return reference.dropout(x, seed, p).contiguous()

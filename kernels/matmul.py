@@ -32,6 +32,7 @@ import torch
 
 from . import reference
 from ._launch import MatmulProblem
+from .contract import check_nf4_linear, check_nf4_linear_dx
 from .dequant import dequantize_launch
 from .dispatch import forced_regime, use_triton
 from .dropout import dropout_op
@@ -136,6 +137,8 @@ def nf4_linear_op(
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """``y = x Wᵀ + scale * S Bᵀ + bias`` for ``x: [M, K]`` -> ``[M, N]`` in x.dtype."""
+    check_nf4_linear(x, data, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, lora_s, lora_B,
+                     scale, bias)
     return nf4_linear(x, data, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, lora_s, lora_B,
                       scale, bias)
 
@@ -164,6 +167,8 @@ def nf4_linear_dx_op(
     p: float,
 ) -> torch.Tensor:
     """``dx = dy W + scale * (G A) ⊙ keep / (1 - p)`` for ``dy: [M, N]`` -> ``[M, K]`` in dy.dtype."""
+    check_nf4_linear_dx(dy, data, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, lora_g, lora_A,
+                        scale, seed, p)
     state = (data, absmax, code, nested_absmax, nested_code, offset)
     dropout = seed is not None and p > 0 and lora_g is not None
     if not use_triton(dy):

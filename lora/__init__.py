@@ -8,6 +8,7 @@
     lora.save_adapter(model, "out/")                          # peft's file layout
     lora.load_adapter(model, "out/")
     lora.merge(model); lora.unmerge(model)
+    model = lora.from_bnb(bnb_model)                         # transformers + bitsandbytes 4-bit -> ours, no copy
 
 Each layer computes ``y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` with A: [r, K], B: [N, r],
 s = alpha / r (or alpha / sqrt(r) with rsLoRA); QLoRA layers run it through
@@ -15,6 +16,7 @@ s = alpha / r (or alpha / sqrt(r) with rsLoRA); QLoRA layers run it through
 """
 
 from .adapters import load_adapter, load_adapter_config, save_adapter
+from .bnb_bridge import from_bnb
 from .config import ALL_LINEAR, LoRAConfig
 from .layers import LoRALayer, LoRALinear
 from .memory import PeakMemory
@@ -38,5 +40,5 @@ __all__ = [
     "LoRAConfig", "ALL_LINEAR", "LoRALayer", "LoRALinear", "QLoRALinear", "apply_lora", "find_targets",
     "output_layer_name", "lora_layers", "adapter_parameters", "mark_only_lora_trainable", "TrainableReport",
     "trainable_report", "merge", "unmerge", "disable_adapter", "unload", "upcast_norms",
-    "save_adapter", "load_adapter", "load_adapter_config", "PeakMemory",
+    "save_adapter", "load_adapter", "load_adapter_config", "PeakMemory", "from_bnb",
 ]

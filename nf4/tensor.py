@@ -197,6 +197,14 @@ class QuantizedTensor:
 
         return from_bnb_state_dict(sd, prefix)
 
+    @classmethod
+    def from_bnb(cls, weight, quant_state=None) -> "QuantizedTensor":
+        """Wrap a bitsandbytes ``Params4bit`` (or packed tensor + ``QuantState``) without copying:
+        the result shares every tensor with it. Duck-typed; see ``nf4.bridge.from_bnb``."""
+        from .bridge import from_bnb
+
+        return from_bnb(weight, quant_state)
+
     def __repr__(self) -> str:
         dq = f", double_quant(nested_blocksize={self.nested_blocksize})" if self.nested else ""
         return (
