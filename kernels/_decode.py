@@ -54,9 +54,10 @@ def _nibble(e: int) -> int:
 # Operands: "w" the packed word (input), "lane" the lane's table value (input, shfl only),
 # "p0".."p7" the byte planes (inputs, prmt only), "o0".. outputs, anything else a temporary.
 
-def _shfl_program() -> list[tuple]:
+def _shfl_program(elements=range(8)) -> list[tuple]:
+    """Shuffle-decode ``elements`` of the word: a shift (none for nibble 0) and a shuffle each."""
     prog = []
-    for e in range(8):
+    for e in elements:
         shift = 4 * _nibble(e)
         src = "w"
         if shift:
@@ -116,14 +117,7 @@ def _mixed_program() -> list[tuple]:
     """Elements 0-3 by shuffle (exact float32), elements 4-7 by byte permutes on fp16 planes,
     widened to float32: half the shuffles of ``SHFL_PROGRAM`` (the MIO path is the M = 1 GEMV's
     bound) for 16 more ALU instructions; levels 4-7 are the fp16 roundings (2^-11 relative)."""
-    prog = []
-    for e in range(4):
-        shift = 4 * _nibble(e)
-        src = "w"
-        if shift:
-            prog.append(("shr", "t", "w", shift))
-            src = "t"
-        prog.append(("shfl", f"o{e}", "lane", src, SHFL_SEGMENT))
+    prog = _shfl_program(range(4))
     prog += [
         ("shr", "sh", "w", 16), ("and", "sh", "sh", 0x7777),  # selectors of nibbles 4..7
         ("shl", "w4", "w", 4), ("prmt", "m1", "w4", "w", MASK_HIGH),

@@ -73,9 +73,22 @@ def compile_cases():
                (3, 70, 100, 64, True, 0.25, True, torch.bfloat16, "dequant_gemm"),
                (1, 70, 100, 64, True, 0.25, True, torch.float32, "gemm"),
                (1300, 256, 512, 16, True, 0.1, True, torch.bfloat16, "auto")]
+    combos += [(1, 256, 512, 0, False, 0.0, False, torch.bfloat16, "gemv"),  # streaming GEMVs, plain absmax
+               (5, 256, 512, 0, True, 0.0, False, torch.float16, "gemv")]
     for c in combos:
         cases.append((f"qlora_linear M={c[0]} N={c[1]} K={c[2]} r={c[3]} bias={c[4]} p={c[5]} nested={c[6]} "
                       f"{c[7]} {c[8]}", lambda c=c: linear(*c)))
+    from kernels import _decode, gemv
+
+    for dec in ("shfl", "mixed", "table", "hybrid"):  # every M = 1 decoder, forced
+        def forced(dec=dec):
+            with gemv.force_decoder(dec):
+                linear(1, 256, 512, 16, True, 0.0, True, torch.bfloat16, "gemv")
+        cases.append((f"gemv M=1 decoder={dec}", forced))
+    for dec, dt in (("shfl", None), ("mixed", None), ("prmt_f32", None), ("table", None),
+                    ("prmt", torch.bfloat16), ("prmt", torch.float16)):  # the GPU self-check's probe
+        cases.append((f"decoder probe {dec} {dt}", lambda dec=dec, dt=dt: _decode.probe(
+            torch.device("cpu"), e(16), e(256, dtype=torch.int32), e(256), dec, dt)))
     return cases
 
 
