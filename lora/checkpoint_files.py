@@ -90,14 +90,19 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.entries[key][1]["shape"])
 
-    def read(self, f, key: str) -> torch.Tensor:
-        """Read ``key`` from the open shard ``f`` (``open(path, "rb")``) into a new CPU tensor."""
+    def nbytes(self, key: str) -> int:
+        lo, hi = self.entries[key][1]["data_offsets"]
+        return hi - lo
+
+    def read(self, f, key: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Read ``key`` from the open shard ``f`` (``open(path, "rb")``) into a new CPU tensor,
+        or into the front of ``scratch`` (uint8, at least ``nbytes(key)``) returning a view of it."""
         path, info = self.entries[key]
         dtype = self.dtype(key)
         if dtype is None:
             raise ValueError(f"{path!r}: {key!r} has dtype {info['dtype']}, which this loader does not read")
         lo, hi = info["data_offsets"]
-        raw = torch.empty(hi - lo, dtype=torch.uint8, device="cpu")
+        raw = torch.empty(hi - lo, dtype=torch.uint8, device="cpu") if scratch is None else scratch[: hi - lo]
         f.seek(self.body_start[path] + lo)
         got = f.readinto(memoryview(raw.numpy()))
         if got != hi - lo:

