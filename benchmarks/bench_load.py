@@ -228,7 +228,8 @@ def markdown(res: dict) -> str:
                      gib(r["ours"]["peak_rss"]), gib(r["transformers"]["peak_rss"]), f"{r['peak_ratio']:.2f}x",
                      f"{r['load_rss_ratio']:.2f}x", f"{r['ours_load_rss_vs_budget']:.2f}x",
                      f"{r['identical_bytes']} ({r['layers_4bit']} layers)"])
-    params = f"{meta['params'] / 1e9:.2f}e9 parameters" if meta.get("params") else meta["size"]
+    n = meta.get("params")
+    params = meta["size"] if not n else f"{n / 1e9:.2f}e9 parameters" if n >= 1e9 else f"{n / 1e6:.0f}e6 parameters"
     ck = meta["checkpoint_bytes"]
     return (f"Whole-model load on CPU, Llama-shaped `{meta['size']}` model ({params}; checkpoints "
             f"{fmt_bytes(ck['16bit'])} bf16, {fmt_bytes(ck['bnb4'])} bnb 4-bit), {meta['threads']} torch thread(s). "

@@ -122,6 +122,7 @@ class _Loader:
         self.groups: dict[str, _Group] = {}      # module name -> group
         self.key_group: dict[str, _Group] = {}   # checkpoint key -> its group
         self.plain: dict[str, list[tuple[nn.Module, str, str]]] = {}  # key -> owners (module, attr, kind)
+        self.duplicates: set[str] = set()        # keys of a tied tensor after the first: checked, not read
         self._plan()
         to_quantize = 0 if prequantized else sum(g.module.weight.numel() for g in self.groups.values())
         self.compile_worth = to_quantize >= COMPILE_WORTH_ELEMENTS
@@ -183,8 +184,10 @@ class _Loader:
                 if kind != "nonpersistent":
                     missing.append(group_owners[0][3])
                 continue
-            for key in present:  # a checkpoint may store a tied tensor under several names
-                self.plain[key] = [(m, a, k) for (m, a, k, _) in group_owners] if key == present[0] else []
+            for key in present:  # a checkpoint may store a tied tensor under several names: read one
+                self.plain[key] = [(m, a, k) for (m, a, k, _) in group_owners]
+                if key != present[0]:
+                    self.duplicates.add(key)
         for group in self.groups.values():
             missing += sorted(k for k in group.keys if k not in entries)
         used = set(self.plain) | set(self.key_group)
@@ -198,8 +201,6 @@ class _Loader:
         """Shapes and dtypes from the headers, before any data is read."""
         ck = self.ckpt
         for key, owners in self.plain.items():
-            if not owners:
-                continue
             module, attr, _ = owners[0]
             t = getattr(module, attr)
             if ck.shape(key) != tuple(t.shape):
@@ -242,7 +243,7 @@ class _Loader:
                 for key in self.ckpt.keys_of(path):
                     if key in self.key_group:
                         self._read_quantized(f, key, self.key_group[key])
-                    elif self.plain[key]:
+                    elif key not in self.duplicates:
                         self._assign(key, self.ckpt.read(f, key).to(self.device))
 
     def _assign(self, key: str, t: torch.Tensor) -> None:

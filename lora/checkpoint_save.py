@@ -49,9 +49,10 @@ def _quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
     if odd:
         raise ValueError(f"bitsandbytes' format stores only {BNB_QUANT_TYPES}; these layers use another format: "
                          f"{odd[:8]}")
-    sharded = [n for n, m in layers if callable(getattr(m, "sharded_names", None)) and m.sharded_names()]
-    if sharded:
-        raise ValueError(f"layers {sharded[:8]} are FSDP-sharded: save from a single-process model")
+    prepared = [n for n, m in layers if callable(getattr(m, "sharded_names", None))]
+    if prepared:  # their state_dict is FSDP's storage layout (int32 bits), not bitsandbytes'
+        raise ValueError(f"layers {prepared[:8]} are prepared for FSDP (lora.fsdp): save the quantized model from "
+                         f"a single-process model that was not prepared")
     for attr in ("quant_type", "double_quant"):
         values = {getattr(m, attr) for _, m in layers}
         if len(values) > 1:
@@ -109,7 +110,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, max_shard_size: in
     Raises:
         ValueError: no 4-bit layer; a layer in a format bitsandbytes cannot store (anything but
             nf4 / fp4); layers that differ in quant_type or double quantization (transformers'
-            config has one value); FSDP-sharded layers; a bad ``max_shard_size``.
+            config has one value); layers prepared for FSDP; a bad ``max_shard_size``.
     """
     qconfig = quantization_config(model)
     quantized = {n for n, _ in _quantized_layers(model)}

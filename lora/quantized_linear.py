@@ -34,6 +34,7 @@ from torch import nn
 import kernels
 import nf4
 
+from .config import COMPUTE_DTYPES
 from .layers import _frozen
 
 __all__ = ["QuantizedLinear", "QUANT_BUFFERS", "QUANTIZE_CHUNK_ELEMENTS", "BNB_QUANT_TYPES"]
@@ -63,8 +64,8 @@ class QuantizedLinear(nn.Module):
             is returned in the input's dtype, as bitsandbytes' Linear4bit does.
 
     Raises:
-        ValueError: a weight that is not 2-D, a quant_type bitsandbytes cannot store, or a
-            bias of the wrong shape.
+        ValueError: a weight that is not 2-D, a quant_type bitsandbytes cannot store, a bias
+            of the wrong shape, or a compute_dtype that is not float32 / float16 / bfloat16 / None.
     """
 
     def __init__(self, weight, bias: torch.Tensor | None = None, *, quant_type: str = "nf4", blocksize: int = 64,
@@ -79,6 +80,8 @@ class QuantizedLinear(nn.Module):
         n, k = qt.shape
         if bias is not None and tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
         self.in_features, self.out_features = int(k), int(n)
         self.compute_dtype = compute_dtype
         self._qt: nf4.QuantizedTensor | None = None

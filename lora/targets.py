@@ -86,10 +86,10 @@ def sixteen_bit_linears(model: nn.Module, config: LoRAConfig) -> dict[str, str]:
     tied = shared_weights(model, linears)
     out = {}
     for name in linears:
-        if name == head:
-            out[name] = "output layer"
-        elif name in tied:
+        if name in tied:  # first: a tie must never break, output layer or not
             out[name] = f"tied to {tied[name][0]}"
+        elif name == head:
+            out[name] = "output layer"
         elif matches(config.skip_modules, name):
             out[name] = "skip_modules"
     return out

@@ -252,9 +252,9 @@ PEAK_PROBE = textwrap.dedent("""
 
     torch.manual_seed(0)
     write(64, f"{{folder}}/warm")
-    largest = write(2048, f"{{folder}}/big")
+    largest = write(1536, f"{{folder}}/big")
     with torch.device("meta"):
-        warm, model = build(64), build(2048)
+        warm, model = build(64), build(1536)
     lora.load_quantized(warm, f"{{folder}}/warm", quant_type="nf4")  # first calls touch code pages of torch
     with lora.PeakMemory("cpu") as pm:
         lora.load_quantized(model, f"{{folder}}/big", quant_type="nf4")
@@ -271,7 +271,7 @@ def test_peak_memory_stays_within_final_model_plus_largest_shard(tmp_path):
                          text=True, timeout=300, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     budget = 1.3 * (r["final"] + r["largest"])
-    assert r["peak"] <= budget, r  # measured 2026-12-02: 0.6x the budget
+    assert r["peak"] <= budget, r  # measured 2026-12-02: 0.72x the budget
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
@@ -407,4 +407,27 @@ def test_save_refusals(transformers, tmp_path):
     model[1] = lora.QuantizedLinear(torch.randn(64, 64), quant_type="fp4")
     with pytest.raises(ValueError, match=r"one quant_type; these layers differ: \['0=nf4', '1=fp4'\]"):
         lora.save_quantized(model, tmp_path)
+    from lora.fsdp import prepare_for_fsdp
+
+    model[1] = lora.QuantizedLinear(torch.randn(64, 64))
+    prepare_for_fsdp(model)  # its state_dict is now FSDP's storage layout, not bitsandbytes'
+    with pytest.raises(ValueError, match=r"layers \['0', '1'\] are prepared for FSDP"):
+        lora.save_quantized(model, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written by a refused call
+
+
+def test_a_tied_tensor_stored_twice_is_read_once_and_checked(transformers, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    random_llama(transformers, tie=True).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    assert "lm_head.weight" not in tensors  # transformers writes a tie once
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+    model = lora.load_quantized(meta_llama(transformers, tie=True), tmp_path, quant_type="nf4")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][:, :64].contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'lm_head.weight' has shape \[128, 64\], the model expects \[128, 128\]"):
+        lora.load_quantized(meta_llama(transformers, tie=True), tmp_path, quant_type="nf4")

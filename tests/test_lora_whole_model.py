@@ -105,9 +105,29 @@ def test_an_already_4bit_target_keeps_its_bytes_and_a_frozen_layer_moves_but_nev
     other = lora.QuantizedLinear(torch.zeros(32, 64), torch.zeros(32, dtype=torch.float16))
     other.load_state_dict(sd)
     assert other.quantized_weight == frozen.quantized_weight and torch.equal(other.bias, frozen.bias)
+    with pytest.raises(ValueError, match="compute_dtype must be one of .* got torch.int8"):
+        lora.QuantizedLinear(torch.randn(32, 64), compute_dtype=torch.int8)
     x = torch.randn(3, 64)
     want = F.linear(x, frozen.base_weight(torch.float32), frozen.bias.float())
     assert rel(frozen(x), want) < REL_TOL and frozen(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_frozen_4bit_layer_through_the_triton_kernels_equals_the_reference(double_quant):
+    """The reference path is the spec (fixture above); the Triton kernels (interpreted on CPU)
+    must give the same forward and input gradient for a frozen layer: fp32, K = 96."""
+    g = torch.Generator().manual_seed(2)
+    layer = lora.QuantizedLinear(torch.randn(40, 96, generator=g), torch.randn(40, generator=g),
+                                 double_quant=double_quant)
+    x = torch.randn(3, 96, generator=g, requires_grad=True)
+    y_ref = layer(x)
+    (dx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    with kernels.force_backend("triton"):
+        y = layer(x)
+        (dx,) = torch.autograd.grad(y.square().sum(), x)
+    tol = 96 * torch.finfo(torch.float32).eps  # fp32 sums of K = 96 terms, in another order
+    assert torch.allclose(y, y_ref, rtol=tol, atol=tol * y_ref.abs().max().item())
+    assert torch.allclose(dx, dx_ref, rtol=tol, atol=tol * dx_ref.abs().max().item())
 
 
 def test_frozen_4bit_layers_are_fsdp_shardable_too():
