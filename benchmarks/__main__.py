@@ -8,7 +8,8 @@
 
 Writes ``<out>/report.md``, ``<out>/report.json`` and the PNG plots next to them. Sections:
 (a) quant: quantization fidelity, (b) memory: memory accounting, (c) speed: kernels / LoRA /
-optimizer benchmarks plus recorded GPU results, (d) finetune: QLoRA vs 16-bit LoRA.
+optimizer benchmarks plus recorded GPU results, (d) finetune: QLoRA vs 16-bit LoRA, (e) load:
+whole-model 4-bit load vs transformers + bitsandbytes (a reduced model; ~1B in bench_load).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="full sizes everywhere, also the speed benchmarks on CPU "
                    "(by default those use their quick sizes on CPU)")
     p.add_argument("--only", default=None, metavar="SECTION[,SECTION]",
-                   help="run only these sections (letters a-d or names); others are kept from <out>/report.json")
+                   help="run only these sections (letters a-e or names); others are kept from <out>/report.json")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--out", default="benchmarks/out", metavar="DIR", help="output folder (default benchmarks/out)")
     p.add_argument("--threads", default="auto", help="CPU threads for torch: a number, or 'auto' (default: one per "

@@ -15,6 +15,12 @@ Target selection follows peft's rules, so a config means the same thing here and
 - any other string: a regular expression that must ``re.fullmatch`` the full module name.
 
 ``exclude_modules`` uses the same list / regex rules and wins over ``target_modules``.
+
+Quantization (``apply_lora(..., quantize=True)``) covers the whole model, as QLoRA does: every
+``nn.Linear`` becomes 4-bit (an adapter on the targets, a frozen ``QuantizedLinear`` elsewhere)
+except the output head, any Linear whose weight is tied to another module (an embedding), and
+``skip_modules`` (same list / regex rules; transformers' ``llm_int8_skip_modules``).
+``quantize_targets_only=True`` quantizes the targets alone.
 """
 
 from __future__ import annotations
@@ -77,6 +83,11 @@ class LoRAConfig:
             or ``"gaussian"`` (A ~ N(0, 1/r^2), peft's choice); B = 0 either way, so a fresh
             adapter leaves the model's output unchanged.
         quant_type: ``"nf4"`` (QLoRA) or ``"fp4"``, for ``apply_lora(..., quantize=True)``.
+        skip_modules: Linear layers ``apply_lora(..., quantize=True)`` leaves 16-bit (same list /
+            regex rules as ``exclude_modules``), or None. Skipped targets get a 16-bit ``LoRALinear``.
+            (The output layer stays 16-bit unless it is named as a target.)
+        quantize_targets_only: quantize the targets only and leave every other Linear 16-bit
+            (the behaviour before whole-model quantization); default False.
         blocksize: elements per absmax block (a power of two in [32, 4096]; QLoRA uses 64).
         double_quant: quantize the absmax constants too (QLoRA's double quantization).
         compute_dtype: dtype the quantized layer computes in (the input is cast to it and the
@@ -100,6 +111,8 @@ class LoRAConfig:
     double_quant: bool = True
     compute_dtype: torch.dtype | None = None
     adapter_dtype: torch.dtype = field(default=torch.float32)
+    skip_modules: str | Sequence[str] | None = None
+    quantize_targets_only: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -111,7 +124,8 @@ class LoRAConfig:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         self.target_modules = _check_targets(self.target_modules, "target_modules", allow_none=False)
         self.exclude_modules = _check_targets(self.exclude_modules, "exclude_modules", allow_none=True)
-        for flag in ("use_rslora", "double_quant"):
+        self.skip_modules = _check_targets(self.skip_modules, "skip_modules", allow_none=True)
+        for flag in ("use_rslora", "double_quant", "quantize_targets_only"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.init not in INITS:
@@ -137,8 +151,9 @@ class LoRAConfig:
             d[k] = None if d[k] is None else str(d[k]).removeprefix("torch.")
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
-        if isinstance(d["exclude_modules"], tuple):
-            d["exclude_modules"] = list(d["exclude_modules"])
+        for k in ("exclude_modules", "skip_modules"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
         return d
 
 

@@ -7,8 +7,8 @@
     opt = optim.PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
 Mechanism (docs/distributed.md says why this one). FSDP2 shards a module's *parameters* on
-dim 0 and leaves its buffers whole on every rank. ``QLoRALinear`` keeps its base in buffers, so
-``prepare_for_fsdp`` re-registers the three tensors that grow with the weight as frozen
+dim 0 and leaves its buffers whole on every rank. ``QLoRALinear`` (and the adapter-less
+``QuantizedLinear`` of whole-model QLoRA) keeps its base in buffers, so ``prepare_for_fsdp`` re-registers the three tensors that grow with the weight as frozen
 parameters (``requires_grad=False``), in a storage dtype that FSDP never casts, and keeps the
 constant-size tables replicated::
 
@@ -66,6 +66,7 @@ from torch import nn
 import nf4
 
 from .qlinear import QUANT_BUFFERS, QLoRALinear
+from .quantized_linear import QuantizedLinear
 from .surgery import lora_layers
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "SHARDED_STATE",
     "ShardableQLoRA",
     "ShardableQLoRALinear",
+    "ShardableQuantizedLinear",
     "check_fsdp_model",
     "default_blocks",
     "is_prepared",
@@ -177,7 +179,8 @@ class ShardableQLoRA:
         dq = "+dq" if self.weight_offset is not None else ""
         where = f"sharded {self.sharded_names()}" if self.sharded_names() else "unsharded"
         return (f"in_features={k}, out_features={n}, bias={self.bias is not None}, "
-                f"base={self.quant_type}{dq}/{self.blocksize} (fsdp storage, {where}), " + self._adapter_repr())
+                f"base={self.quant_type}{dq}/{self.blocksize} (fsdp storage, {where})"
+                + (", " + self._adapter_repr() if isinstance(self, QLoRALinear) else ""))
 
 
 _CLASSES: dict[type, type] = {}
@@ -193,10 +196,11 @@ def _shardable_class(cls: type) -> type:
 
 
 ShardableQLoRALinear = _shardable_class(QLoRALinear)  # importable by name: pickling a prepared model works
+ShardableQuantizedLinear = _shardable_class(QuantizedLinear)
 
 
 def is_prepared(layer: nn.Module) -> bool:
-    """True for a ``QLoRALinear`` whose base is in FSDP-shardable parameters."""
+    """True for a 4-bit layer whose base is in FSDP-shardable parameters."""
     return isinstance(layer, ShardableQLoRA)
 
 
@@ -205,8 +209,9 @@ def is_sharded(layer: nn.Module) -> bool:
     return is_prepared(layer) and bool(layer.sharded_names())
 
 
-def _qlora_layers(model: nn.Module) -> list[tuple[str, QLoRALinear]]:
-    return [(n, m) for n, m in lora_layers(model) if isinstance(m, QLoRALinear)]
+def _qlora_layers(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
+    """Every 4-bit layer, adapted (``QLoRALinear``) or not (``QuantizedLinear``)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
 
 
 def prepare_for_fsdp(model: nn.Module) -> list[str]:
@@ -220,7 +225,7 @@ def prepare_for_fsdp(model: nn.Module) -> list[str]:
     """
     check_fsdp_model(model)
     layers = _qlora_layers(model)
-    merged = [n for n, m in layers if m.merged]
+    merged = [n for n, m in layers if getattr(m, "merged", False)]
     if merged:
         raise ValueError(f"cannot prepare merged QLoRA layers {merged} for FSDP: a merged layer keeps its original "
                          f"4-bit base outside any parameter, so every rank would hold it whole; unmerge() first")

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import INITS, LoRAConfig, lora_scale
 
-__all__ = ["LoRALayer", "LoRALinear"]
+__all__ = ["LoRALayer", "LoRALinear", "relative_error"]
 
 
 class LoRALayer(nn.Module):
@@ -127,7 +127,9 @@ class LoRALayer(nn.Module):
         w = self.base_weight(torch.float32) + self.delta_weight(torch.float32)
         return w.to(self.base_dtype if dtype is None else dtype)
 
-    def merge(self, keep_base: bool | None = None) -> None:
+    def merge(self, keep_base: bool | None = None) -> float:
+        """Fold ``s · B A`` into the base; returns the relative error the fold adds
+        (``||stored - exact||_F / ||exact||_F``, exact = the float32 sum)."""
         raise NotImplementedError
 
     def unmerge(self) -> None:
@@ -195,14 +197,20 @@ class LoRALinear(LoRALayer):
             return y
         return (y + self.lora_output(x)).to(y.dtype)
 
-    def merge(self, keep_base: bool | None = None) -> None:
-        """``W <- W + s·BA`` in place. ``keep_base=True`` keeps a copy of W for an exact unmerge."""
+    def merge(self, keep_base: bool | None = None) -> float:
+        """``W <- W + s·BA`` in place. ``keep_base=True`` keeps a copy of W for an exact unmerge.
+
+        Returns the relative error of rounding the float32 sum to W's dtype (0.0 for float32).
+        """
         if self.merged:
             raise RuntimeError("LoRALinear is already merged")
         with torch.no_grad():
             self._base_backup = self.weight.detach().clone() if keep_base else None
-            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            exact = self.weight.float() + self.delta_weight()
+            self.weight.copy_(exact.to(self.weight.dtype))
+            err = relative_error(self.weight.float(), exact)
         self.merged = True
+        return err
 
     def unmerge(self) -> None:
         """``W <- W - s·BA`` (or the kept copy): restores W to one rounding of its dtype, or exactly."""
@@ -232,3 +240,12 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     p = t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach(), requires_grad=False)
     p.requires_grad_(False)
     return p
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """``||approx - exact||_F / ||exact||_F`` (float32 norms; 0.0 when both are zero)."""
+    num = torch.linalg.vector_norm(approx.float() - exact.float())
+    den = torch.linalg.vector_norm(exact.float())
+    if float(den) == 0.0:
+        return 0.0 if float(num) == 0.0 else float("inf")
+    return float(num / den)

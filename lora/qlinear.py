@@ -5,22 +5,9 @@
 
 The kernel never keeps a dequantized W: backward dequantizes again (DESIGN.md).
 
-Storage. The quantized base lives in buffers, so ``.to()``, ``.cuda()``, ``.cpu()`` move it;
-a dtype cast (``.half()``, ``.to(torch.bfloat16)``) casts A, B and the bias but leaves the
-quantized state as it is (packed uint8 codes and float32 constants stay what they are):
-
-    weight                   uint8 [(N*K + 1) // 2, 1]  packed codes (bitsandbytes' layout)
-    weight_absmax            uint8 [nblocks] (double quant) or float32 [nblocks]
-    weight_quant_map         float32 [16]
-    weight_nested_absmax     float32 [ceil(nblocks / 256)]      (double quant only)
-    weight_nested_quant_map  float32 [256]                      (double quant only)
-    weight_offset            float32 []                         (double quant only)
-
-``state_dict()`` writes the base under bitsandbytes' Linear4bit keys (``weight``,
-``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
-``weight.quant_state.bitsandbytes__nf4``) next to ``bias``, ``lora_A`` and ``lora_B``, so a
-bitsandbytes checkpoint loads into it and back. ``load_state_dict`` also accepts a plain
-16-bit ``weight`` and quantizes it with the layer's settings.
+Storage: the base is a ``QuantizedLinear``'s (``lora.quantized_linear``: buffers in
+bitsandbytes' layout, never cast by ``.half()``); a dtype cast casts A, B and the bias.
+``state_dict()`` holds bitsandbytes' Linear4bit keys next to ``bias``, ``lora_A`` and ``lora_B``.
 
 Merging re-quantizes: ``W' = Q(dequant(W) + s·BA)``. It differs from the 16-bit merge
 ``dequant(W) + s·BA`` by exactly the quantization error of that sum (at most half a code gap
@@ -40,23 +27,13 @@ import kernels
 import nf4
 
 from .config import LoRAConfig
-from .layers import LoRALayer, _frozen
+from .layers import LoRALayer, relative_error
+from .quantized_linear import QUANT_BUFFERS, QUANTIZE_CHUNK_ELEMENTS, QuantizedLinear
 
 __all__ = ["QLoRALinear", "QUANT_BUFFERS"]
 
-# buffer name -> QuantizedTensor field
-QUANT_BUFFERS = {
-    "weight": "data",
-    "weight_absmax": "absmax",
-    "weight_quant_map": "code",
-    "weight_nested_absmax": "nested_absmax",
-    "weight_nested_quant_map": "nested_code",
-    "weight_offset": "offset",
-}
-QUANTIZE_CHUNK_ELEMENTS = 1 << 18  # bounds the quantization temporaries to ~5 MiB whatever the layer
 
-
-class QLoRALinear(LoRALayer):
+class QLoRALinear(QuantizedLinear, LoRALayer):
     """QLoRA linear layer: a 4-bit frozen base plus a trainable rank-r adapter.
 
     Args:
@@ -76,70 +53,29 @@ class QLoRALinear(LoRALayer):
                  dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming",
                  quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                  compute_dtype: torch.dtype | None = None, adapter_dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        cfg = LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
-                         quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
-                         compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
-        self.compute_dtype = compute_dtype
-        qt = weight if isinstance(weight, nf4.QuantizedTensor) else self._quantize(weight, cfg)
-        if qt.quant_type not in ("nf4", "fp4"):  # what bitsandbytes' state_dict layout can hold
-            raise ValueError(f"the quantized weight must be nf4 or fp4, got {qt.quant_type!r}")
-        if len(qt.shape) != 2:
-            raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(qt.shape)}")
-        n, k = qt.shape
-        if bias is not None and tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        self._qt: nf4.QuantizedTensor | None = None
+        LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, quant_type=quant_type,
+                   blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
+                   adapter_dtype=adapter_dtype)  # validates, before any quantization work
+        super().__init__(weight, bias, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                         compute_dtype=compute_dtype)
         self._base_backup: nf4.QuantizedTensor | None = None
-        self._set_quantized(qt)
-        self.bias = None if bias is None else _frozen(bias)
-        self._init_adapter(k, n, r, alpha, dropout, use_rslora, init, adapter_dtype, qt.device)
-
-    @staticmethod
-    def _quantize(weight: torch.Tensor, cfg: LoRAConfig) -> nf4.QuantizedTensor:
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"weight must be a 2-D tensor [out, in] or a QuantizedTensor, got "
-                             f"{getattr(weight, 'shape', type(weight).__name__)}")
-        return nf4.quantize(weight.detach(), cfg.quant_type, cfg.blocksize, cfg.double_quant,
-                            chunk_elements=QUANTIZE_CHUNK_ELEMENTS)
+        self._init_adapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init,
+                           adapter_dtype, self.weight.device)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: LoRAConfig) -> "QLoRALinear":
-        """Quantize ``linear.weight`` (on its device, in bounded chunks) and reuse its bias."""
-        return cls(linear.weight, linear.bias, r=config.r, alpha=config.alpha, dropout=config.dropout,
+    def from_linear(cls, linear: nn.Module, config: LoRAConfig) -> "QLoRALinear":
+        """Adapt ``linear``: an ``nn.Linear`` is quantized (on its device, in bounded chunks)
+        with the config's settings; a ``QuantizedLinear`` keeps its 4-bit base as it is (no
+        re-quantization; ``config.compute_dtype`` applies when set). The bias is reused."""
+        if isinstance(linear, QuantizedLinear):
+            weight = linear.quantized_weight
+            compute_dtype = linear.compute_dtype if config.compute_dtype is None else config.compute_dtype
+        else:
+            weight, compute_dtype = linear.weight, config.compute_dtype
+        return cls(weight, linear.bias, r=config.r, alpha=config.alpha, dropout=config.dropout,
                    use_rslora=config.use_rslora, init=config.init, quant_type=config.quant_type,
                    blocksize=config.blocksize, double_quant=config.double_quant,
-                   compute_dtype=config.compute_dtype, adapter_dtype=config.adapter_dtype)
-
-    # ---- the quantized base -----------------------------------------------------------------
-    def _set_quantized(self, qt: nf4.QuantizedTensor) -> None:
-        for name, attr in QUANT_BUFFERS.items():
-            self.register_buffer(name, getattr(qt, attr), persistent=False)
-        self._qshape, self._qdtype = torch.Size(qt.shape), qt.dtype
-        self.quant_type, self.blocksize, self.double_quant = qt.quant_type, qt.blocksize, qt.nested
-        self._qt = qt
-
-    @property
-    def quantized_weight(self) -> nf4.QuantizedTensor:
-        """The base as an ``nf4.QuantizedTensor`` viewing this module's buffers (no copy)."""
-        qt = self._qt
-        if qt is None or any(getattr(qt, attr) is not getattr(self, name) for name, attr in QUANT_BUFFERS.items()):
-            qt = nf4.QuantizedTensor(
-                data=self.weight, shape=self._qshape, dtype=self._qdtype, blocksize=self.blocksize,
-                quant_type=self.quant_type, code=self.weight_quant_map, absmax=self.weight_absmax,
-                offset=self.weight_offset, nested_absmax=self.weight_nested_absmax,
-                nested_code=self.weight_nested_quant_map,
-            )
-            self._qt = qt
-        return qt
-
-    @property
-    def base_dtype(self) -> torch.dtype:
-        """The dtype the base was quantized from (bitsandbytes' quant-state ``dtype``)."""
-        return self._qdtype
-
-    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return kernels.dequantize(self.quantized_weight, self._qdtype if dtype is None else dtype)
+                   compute_dtype=compute_dtype, adapter_dtype=config.adapter_dtype)
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,20 +104,28 @@ class QLoRALinear(LoRALayer):
                           chunk_elements=QUANTIZE_CHUNK_ELEMENTS)
         return replace(qt, dtype=self._qdtype, _absmax_cache=None)  # keep the original dtype tag
 
-    def merge(self, keep_base: bool | None = None) -> None:
+    def merge(self, keep_base: bool | None = None) -> float:
         """Fold the adapter into the base: ``W <- Q(dequant(W) + s·BA)`` (float32 sum).
 
         ``keep_base`` (default True) keeps the original 4-bit base for an exact ``unmerge``.
+
+        Returns:
+            the relative error the re-quantization adds, ``||Q(M) - M||_F / ||M||_F`` with
+            ``M = dequant(W) + s·BA`` (0.0 for an all-zero M).
         """
         if self.merged:
             raise RuntimeError("QLoRALinear is already merged")
         keep_base = True if keep_base is None else keep_base
         qt = self.quantized_weight
         with torch.no_grad():
-            merged = self._requantize(kernels.dequantize(qt, torch.float32) + self.delta_weight())
+            exact = kernels.dequantize(qt, torch.float32) + self.delta_weight()
+            merged = self._requantize(exact)
+            err = relative_error(kernels.dequantize(merged, torch.float32), exact)
+        del exact
         self._base_backup = qt if keep_base else None
         self._set_quantized(merged)
         self.merged = True
+        return err
 
     def unmerge(self) -> None:
         """Restore the base: exactly when it was kept, else ``Q(dequant(W') - s·BA)``."""
@@ -199,63 +143,16 @@ class QLoRALinear(LoRALayer):
 
     # ---- module plumbing ---------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        """Move the quantized buffers with the module but never cast them: for those, ``fn``
-        is probed on an empty tensor; a dtype change means "cast", and only its device is used."""
-        quant = {id(getattr(self, name)) for name in QUANT_BUFFERS if getattr(self, name) is not None}
-
-        def keep_quantized(t):
-            if id(t) not in quant:
-                return fn(t)
-            probe = fn(t.new_empty(0))
-            return fn(t) if probe.dtype == t.dtype else t.to(probe.device)
-
-        out = super()._apply(keep_quantized, recurse)
+        out = super()._apply(fn, recurse)
         if self._base_backup is not None:
             self._base_backup = self._base_backup.to(self.weight.device)
         return out
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias, lora_A, lora_B
-        for key, t in self.quantized_weight.to_bnb_state_dict(prefix + "weight").items():
-            destination[key] = t
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        wkey = prefix + "weight"
-        mine = {k: state_dict[k] for k in state_dict if k == wkey or k.startswith(wkey + ".")}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        for k in mine:
-            if k in unexpected_keys:
-                unexpected_keys.remove(k)
-        if wkey not in mine:
-            missing_keys.append(wkey)
-            return
-        try:
-            qt = self._quantized_from_state(mine, wkey)
-        except ValueError as e:
-            error_msgs.append(f"while loading {wkey!r}: {e}")
-            return
-        if qt.shape != self._qshape:
-            error_msgs.append(f"size mismatch for {wkey!r}: the checkpoint holds shape {tuple(qt.shape)}, "
-                              f"this QLoRALinear has {tuple(self._qshape)}")
-            return
+    def _loaded_base(self, qt: nf4.QuantizedTensor) -> None:
         self._base_backup = None
         self.merged = False
-        self._set_quantized(qt.to(self.weight.device))
-
-    def _quantized_from_state(self, sd: dict, wkey: str) -> nf4.QuantizedTensor:
-        w = sd[wkey]
-        if len(sd) == 1 and w.is_floating_point():  # a 16-bit checkpoint: quantize it here
-            if w.dim() != 2:
-                raise ValueError(f"a float weight must be 2-D [out, in], got shape {tuple(w.shape)}")
-            return nf4.quantize(w.detach().to(self.weight.device), self.quant_type, self.blocksize,
-                                self.double_quant, chunk_elements=QUANTIZE_CHUNK_ELEMENTS)
-        return nf4.QuantizedTensor.from_bnb_state_dict(sd, wkey)
+        self._set_quantized(qt)
 
     def extra_repr(self) -> str:
-        qt = self.quantized_weight
-        dq = "+dq" if qt.nested else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"base={self.quant_type}{dq}/{self.blocksize} ({qt.bits_per_parameter():.3f} bits/param), "
-                + self._adapter_repr())
+        return self._base_repr() + ", " + self._adapter_repr()
+

@@ -1,8 +1,9 @@
 """Model surgery: put LoRA / QLoRA layers into any ``nn.Module``, and the model-wide helpers.
 
-``apply_lora`` replaces each target ``nn.Linear`` in place, one at a time: the layer is
-(optionally) moved to ``device``, quantized in bounded chunks, swapped into its parent, and the
-16-bit weight is released before the next layer. So the extra memory at any moment is one
+``apply_lora`` replaces each target ``nn.Linear`` (and, for QLoRA, every other Linear but the
+output layer, tied weights and ``skip_modules``: ``lora.targets``) in place, one at a time: the
+layer is (optionally) moved to ``device``, quantized in bounded chunks, swapped into its parent,
+and the 16-bit weight is released before the next layer. So the extra memory at any moment is one
 layer's 16-bit weight plus its quantized copy and the chunk temporaries, and the model ends at
 its quantized size. With ``device`` (e.g. a model loaded on the CPU, quantized onto a GPU) the
 device peak is the final model plus one 16-bit layer.
@@ -14,9 +15,7 @@ cast back to the input's dtype).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,11 +25,12 @@ from torch import nn
 from .config import LoRAConfig
 from .layers import LoRALayer, LoRALinear
 from .qlinear import QUANT_BUFFERS, QLoRALinear
-from .targets import find_targets
+from .quantized_linear import QuantizedLinear
+from .targets import find_targets, linear_layers, shared_weights, sixteen_bit_linears
 
 __all__ = [
     "apply_lora", "lora_layers", "adapter_parameters", "mark_only_lora_trainable", "TrainableReport",
-    "trainable_report", "merge", "unmerge", "disable_adapter", "unload", "upcast_norms", "is_norm",
+    "trainable_report", "upcast_norms", "is_norm",
 ]
 
 log = logging.getLogger("lora")
@@ -42,58 +42,78 @@ def _split(name: str) -> tuple[str, str]:
     return parent, child
 
 
-def _shared_weights(model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
-    """target -> other modules that hold the same weight Parameter (ties that quantizing breaks)."""
-    owners: dict[int, list[str]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for pname, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
-    out = {}
-    for name in targets:
-        w = model.get_submodule(name).weight
-        others = [o for o in owners.get(id(w), []) if o != f"{name}.weight"]
-        if others:
-            out[name] = others
-    return out
+def _plan(model: nn.Module, config: LoRAConfig, quantize: bool) -> tuple[dict[str, type], list[str]]:
+    """What ``apply_lora`` does: ``({target: layer class}, [Linears to freeze in 4-bit])``,
+    both in ``named_modules`` order (module docstring of ``lora.config`` for the rules)."""
+    targets = find_targets(model, config)
+    kind = {}
+    for name in targets:  # an already 4-bit base can only take a QLoRA adapter
+        kind[name] = QLoRALinear if quantize or isinstance(model.get_submodule(name), QuantizedLinear) else LoRALinear
+    if not quantize:
+        return kind, []
+    if config.quantize_targets_only:
+        linear_targets = [n for n in targets if isinstance(model.get_submodule(n), nn.Linear)]
+        tied = shared_weights(model, linear_targets)
+        if tied:
+            raise ValueError(f"cannot quantize weights shared with other modules (the tie would break): {tied}; "
+                             f"exclude these targets or use quantize=False")
+        return kind, []
+    keep16 = sixteen_bit_linears(model, config)
+    for name in targets:  # a target named explicitly is quantized even if it is the output layer
+        if keep16.get(name, "output layer") != "output layer":
+            kind[name] = LoRALinear
+    frozen = [n for n, m in linear_layers(model)
+              if n not in kind and n not in keep16 and isinstance(m, nn.Linear)]
+    if keep16:
+        log.info("apply_lora: Linear layers kept 16-bit: %s", keep16)
+    return kind, frozen
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig, quantize: bool = True, *,
                device: torch.device | str | None = None, upcast_norms_to_fp32: bool = True) -> nn.Module:
     """Adapt ``model`` in place and return it.
 
+    With ``quantize=True`` (QLoRA) the whole base goes 4-bit: each target becomes a
+    ``QLoRALinear`` and every other ``nn.Linear`` a frozen ``QuantizedLinear``, except the
+    output layer, Linears whose weight is tied to another module, and ``config.skip_modules``:
+    those stay 16-bit, and a target among the last two gets a 16-bit ``LoRALinear`` (an output
+    layer named as a target explicitly is quantized, as before whole-model quantization).
+    ``config.quantize_targets_only`` quantizes the targets alone. A target that is already a
+    ``QuantizedLinear`` (``lora.load_quantized``) keeps its 4-bit base as is.
+
     Args:
         model: any ``nn.Module``.
         config: a ``LoRAConfig`` (targets, rank, scale, quantization settings).
-        quantize: True for QLoRA (``QLoRALinear``, a 4-bit base), False for 16-bit LoRA
-            (``LoRALinear``, the base reused as is).
-        device: move the model there, layer by layer (targets are quantized on it); None
+        quantize: True for QLoRA, False for 16-bit LoRA (``LoRALinear``, the base reused as
+            is; a target that is already 4-bit still gets a ``QLoRALinear``).
+        device: move the model there, layer by layer (Linears are quantized on it); None
             leaves every module where it is.
         upcast_norms_to_fp32: the QLoRA recipe for normalization layers (``upcast_norms``).
 
     Raises:
         TypeError: ``model`` is not an nn.Module or ``config`` not a LoRAConfig.
-        ValueError: target entries that matched nothing (listed), non-Linear matches, or a
-            quantized target whose weight is shared with another module (a tie would break).
+        ValueError: target entries that matched nothing (listed), non-Linear matches, or (with
+            ``quantize_targets_only``) a target whose weight is shared with another module.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a lora.LoRAConfig, got {type(config).__name__}")
-    targets = find_targets(model, config)
-    if quantize:
-        tied = _shared_weights(model, targets)
-        if tied:
-            raise ValueError(f"cannot quantize weights shared with other modules (the tie would break): {tied}; "
-                             f"exclude these targets or use quantize=False")
+    kind, frozen = _plan(model, config, quantize)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in targets:
+    for name in sorted([*kind, *frozen], key=order.__getitem__):
         parent_name, child = _split(name)
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         if device is not None:
             linear.to(device)
-        layer = (QLoRALinear if quantize else LoRALinear).from_linear(linear, config)
+        if name in kind:
+            layer = kind[name].from_linear(linear, config)
+        else:
+            layer = QuantizedLinear.from_linear(linear, config.quant_type, config.blocksize, config.double_quant,
+                                                config.compute_dtype)
         setattr(parent, child, layer)
         del linear, layer  # the 16-bit weight goes now, before the next layer is quantized
     if device is not None:
@@ -101,8 +121,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig, quantize: bool = True, *,
     if upcast_norms_to_fp32:
         upcast_norms(model)
     mark_only_lora_trainable(model)
-    log.info("apply_lora(%s, quantize=%s): %d layers adapted; %s", type(model).__name__, quantize,
-             len(targets), trainable_report(model))
+    if frozen:
+        log.info("apply_lora: %d more Linear layers frozen in 4-bit (no adapter)", len(frozen))
+    log.info("apply_lora(%s, quantize=%s): %d layers adapted; %s", type(model).__name__, quantize, len(kind),
+             trainable_report(model))
     return model
 
 
@@ -151,9 +173,10 @@ class TrainableReport:
 def trainable_report(model: nn.Module) -> TrainableReport:
     """Count trainable and all parameters (``str()`` of the result is peft's one-liner)."""
     layers = list(lora_layers(model))
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     # the quantized base counts as its logical [N, K] weights, whether it sits in buffers or
     # (under FSDP2, see lora.fsdp) in frozen storage parameters, which must not count again
-    storage = {id(t) for _, layer in layers if isinstance(layer, QLoRALinear)
+    storage = {id(t) for layer in quantized
                for name in QUANT_BUFFERS if isinstance(t := getattr(layer, name, None), torch.Tensor)}
     seen: set[int] = set()
     trainable = total = 0
@@ -163,9 +186,7 @@ def trainable_report(model: nn.Module) -> TrainableReport:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    for _, layer in layers:
-        if isinstance(layer, QLoRALinear):
-            total += math.prod(layer._qshape)
+    total += sum(layer.num_weights for layer in quantized)
     return TrainableReport(trainable, total, len(layers))
 
 
@@ -212,59 +233,3 @@ def upcast_norms(model: nn.Module) -> list[str]:
             module._lora_norm_hooks = True
         names.append(name)
     return names
-
-
-# ---- merge / unmerge / disable / unload ----------------------------------------------------------
-def _require_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
-    layers = list(lora_layers(model))
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers (call lora.apply_lora first)")
-    return layers
-
-
-def merge(model: nn.Module, keep_base: bool | None = None) -> nn.Module:
-    """Merge every unmerged LoRA layer (``LoRALayer.merge``); returns the model."""
-    for _, layer in _require_layers(model):
-        if not layer.merged:
-            layer.merge(keep_base)
-    return model
-
-
-def unmerge(model: nn.Module) -> nn.Module:
-    """Unmerge every merged LoRA layer; returns the model."""
-    for _, layer in _require_layers(model):
-        if layer.merged:
-            layer.unmerge()
-    return model
-
-
-@contextlib.contextmanager
-def disable_adapter(model: nn.Module):
-    """Run the base model: every LoRA layer's adapter is off inside the block."""
-    with contextlib.ExitStack() as stack:
-        for _, layer in _require_layers(model):
-            stack.enter_context(layer.disable_adapter())
-        yield model
-
-
-def unload(model: nn.Module, merge: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every LoRA layer by a plain ``nn.Linear`` holding ``W + s·BA`` (``merge=True``)
-    or ``W`` alone, dense in ``dtype`` (default: the base's dtype). Quantized bases are
-    dequantized, not re-quantized. Returns the model."""
-    for name, layer in _require_layers(model):
-        if merge:
-            w = layer.merged_weight(dtype)
-        elif layer.merged:
-            w = (layer.base_weight(torch.float32) - layer.delta_weight()).to(dtype or layer.base_dtype)
-        else:
-            w = layer.base_weight(dtype)
-        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                        device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if layer.bias is not None:
-                lin.bias.copy_(layer.bias)
-        lin.requires_grad_(False)
-        parent, child = _split(name)
-        setattr(model.get_submodule(parent), child, lin)
-    return model

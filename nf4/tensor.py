@@ -39,6 +39,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements quantized per chunk: bounds the float32 temporaries to a few x 16 MiB whatever the
 # tensor size (a 128256 x 4096 weight needs ~0.28x its bf16 size of extra memory).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+_TENSOR_FIELDS = ("data", "code", "absmax", "offset", "nested_absmax", "nested_code")
 
 
 @dataclass
@@ -204,6 +205,49 @@ class QuantizedTensor:
         from .bridge import from_bnb
 
         return from_bnb(weight, quant_state)
+
+    # ---- value semantics -----------------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        """Same format (shape, dtype, blocksize, quant_type, nesting) and ``torch.equal`` on every
+        tensor, nested state included. Tensors on different devices make different values
+        (``torch.equal`` refuses to compare them). Returns a ``bool``, never a tensor."""
+        if not isinstance(other, QuantizedTensor):
+            return NotImplemented
+        fmt = ("shape", "dtype", "blocksize", "quant_type", "nested_blocksize", "nested")
+        if any(getattr(self, f) != getattr(other, f) for f in fmt):
+            return False
+        for name in _TENSOR_FIELDS:
+            a, b = getattr(self, name), getattr(other, name)
+            if (a is None) != (b is None):
+                return False
+            if a is not None and (a.device != b.device or a.dtype != b.dtype or not torch.equal(a, b)):
+                return False
+        return True
+
+    __hash__ = None  # mutable tensors inside: not hashable (as torch.Tensor's value semantics would need)
+
+    def __copy__(self) -> "QuantizedTensor":
+        """A new object sharing every tensor (storage) with this one."""
+        return replace(self, _absmax_cache=self._absmax_cache)
+
+    def __deepcopy__(self, memo: dict) -> "QuantizedTensor":
+        """A new object with its own copy of every tensor (``copy.deepcopy`` of each)."""
+        import copy
+
+        fields = {name: copy.deepcopy(getattr(self, name), memo) for name in _TENSOR_FIELDS}
+        out = replace(self, _absmax_cache=None, **fields)
+        memo[id(self)] = out
+        return out
+
+    def __getstate__(self) -> dict:
+        """Pickle state: every field but the derived absmax cache (rebuilt on demand)."""
+        state = dict(self.__dict__)
+        state["_absmax_cache"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.validate()  # an unpickled object obeys the same invariants as a constructed one
 
     def __repr__(self) -> str:
         dq = f", double_quant(nested_blocksize={self.nested_blocksize})" if self.nested else ""

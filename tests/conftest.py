@@ -38,6 +38,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def exact_bnb(monkeypatch):
+    """bitsandbytes' Linear4bit computing ``F.linear(x, dequantize_4bit(W))`` in x's dtype: the
+    exact fp32 forward to compare with (its own CPU matmul is ~0.5% off, NOTES §7)."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def forward(self, x):
+        w = bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state).to(x.dtype)
+        return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", forward)
+
+
 def pytest_sessionstart(session):
     """In CI the oracle comparisons must run, not skip: fail fast if an oracle is missing."""
     if os.environ.get("QLORA_REQUIRE_ORACLES") == "1":

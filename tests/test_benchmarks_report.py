@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_resolve_sections_by_letter_or_name_in_report_order():
     assert [s.key for s in report.resolve_sections("finetune,a")] == ["a", "d"]
-    assert [s.key for s in report.resolve_sections(None)] == ["a", "b", "c", "d"]
+    assert [s.key for s in report.resolve_sections(None)] == ["a", "b", "c", "d", "e"]
     with pytest.raises(ValueError, match="'zz'"):
         report.resolve_sections("b,zz")
 

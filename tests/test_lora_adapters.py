@@ -174,7 +174,8 @@ def test_config_errors_are_named(saved):
 def test_state_errors(saved, tmp_path):
     with pytest.raises(ValueError, match="Sequential has no LoRA layers"):
         lora.load_adapter(mlp(), saved)
-    merged = lora.merge(adapted_mlp())
+    merged = adapted_mlp()
+    lora.merge(merged)
     with pytest.raises(ValueError, match=r"cannot load into merged layers \['0', '2'\]"):
         lora.load_adapter(merged, saved)
     with pytest.raises(ValueError, match=r"cannot save merged layers \['0', '2'\]"):

@@ -88,11 +88,14 @@ def test_lora_linear_reuses_the_base_parameters_and_keeps_ties():
     assert model[0].weight is w and not w.requires_grad
 
 
-def test_quantizing_a_tied_weight_is_refused_naming_the_tie():
+def test_a_tied_weight_stays_16_bit_and_targets_only_quantization_refuses_it():
     model = tiny_llama(tie=True)
     lora.apply_lora(tiny_llama(tie=True), lora.LoRAConfig(r=2))  # all-linear skips the tied head: fine
     with pytest.raises(ValueError, match=r"tie would break.*lm_head.*model.embed_tokens.weight"):
-        lora.apply_lora(model, lora.LoRAConfig(r=2, target_modules=["lm_head"]))
+        lora.apply_lora(model, lora.LoRAConfig(r=2, target_modules=["lm_head"], quantize_targets_only=True))
+    lora.apply_lora(model, lora.LoRAConfig(r=2, target_modules=["lm_head"]))  # whole-model: the head stays 16-bit
+    assert type(model.lm_head) is lora.LoRALinear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.model.layers[0].mlp.up_proj, lora.QuantizedLinear)
 
 
 def test_type_errors():
