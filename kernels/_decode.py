@@ -477,7 +477,7 @@ def _probe_kernel(w_ptr, code_ptr, planes_ptr, am_ptr, out_ptr, n, BLOCK: tl.con
     elif DECODE == "prmt":
         p0, p1, p2, p3, p4, p5, p6, p7 = load_planes(planes_ptr)
         am = tl.load(am_ptr + i, mask=ok, other=1.0)
-        v = decode8_prmt_scaled(w, p0, p1, p2, p3, p4, p5, p6, p7, pair16(am, DTYPE)[:, None], DTYPE).to(tl.float32)
+        v = decode8_prmt_scaled(w, p0, p1, p2, p3, p4, p5, p6, p7, pair16(am, DTYPE), DTYPE).to(tl.float32)
     else:
         v = decode8_table(w, code_ptr)
     tl.store(out_ptr + i[:, None] * 8 + tl.arange(0, 8)[None, :], v, mask=ok[:, None])
