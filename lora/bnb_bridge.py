@@ -12,8 +12,11 @@ imported) becomes a ``QLoRALinear`` whose quantized base *is* bitsandbytes' stor
     Linear4bit.bias                                -> QLoRALinear.bias                    same Parameter
 
 Nothing is re-quantized or copied (``nf4.bridge.from_bnb``), so the model's bytes do not grow
-except for the adapters. Each new layer carries a LoRA adapter set by ``config``; its B starts
-at zero, so the model computes what it computed before (tested on a tiny Llama: the logits equal
+except for the adapters. The layers ``config`` targets (``target_modules`` / ``exclude_modules``,
+peft's rules; ``"all-linear"``: every 4-bit Linear) become ``QLoRALinear``s with an adapter
+whose B starts at zero; every other 4-bit Linear becomes a frozen ``QuantizedLinear`` on the
+same storage, so the whole 4-bit base runs on our kernels either way and the model computes
+what it computed before (tested on a tiny Llama: the logits equal
 those of an exact-fp32 bitsandbytes forward). Under ``lora.disable_adapter(model)`` the layers
 run the 4-bit base alone. Nothing else in the model changes (norms, embeddings, head stay as
 transformers loaded them); call ``lora.upcast_norms(model)`` for the QLoRA norm recipe.
@@ -30,7 +33,9 @@ from nf4 import QuantizedTensor
 
 from .config import ALL_LINEAR, LoRAConfig
 from .qlinear import QLoRALinear
+from .quantized_linear import QuantizedLinear
 from .surgery import mark_only_lora_trainable
+from .targets import find_targets, matches
 
 __all__ = ["from_bnb", "bnb_4bit_linears"]
 
@@ -54,8 +59,24 @@ def bnb_4bit_linears(model: nn.Module) -> list[str]:
             if isinstance(m, nn.Linear) and not isinstance(m, QLoRALinear) and _quant_state(m) is not None]
 
 
+def _targets(model: nn.Module, config: LoRAConfig, names: list[str]) -> set[str]:
+    """The 4-bit Linears (of ``names``) that get an adapter."""
+    if config.target_modules == ALL_LINEAR:  # bitsandbytes leaves the output layer 16-bit already
+        found = {n for n in names if not matches(config.exclude_modules, n)}
+        if not found:
+            raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every 4-bit Linear")
+        return found
+    found = find_targets(model, config)
+    not4 = [n for n in found if n not in names]
+    if not not4:
+        return set(found)
+    raise ValueError(f"from_bnb adapts bitsandbytes 4-bit Linears only; these targets are not: {not4} "
+                     "(apply_lora(model, config, quantize=False) adapts 16-bit layers)")
+
+
 def from_bnb(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
-    """Swap every bitsandbytes 4-bit Linear of ``model`` for a ``QLoRALinear`` on the same storage.
+    """Swap every bitsandbytes 4-bit Linear of ``model`` for one of ours on the same storage: a
+    ``QLoRALinear`` where ``config`` targets it, a frozen ``QuantizedLinear`` elsewhere.
 
     Args:
         model: an ``nn.Module`` holding bitsandbytes 4-bit Linears, e.g. from
@@ -65,8 +86,8 @@ def from_bnb(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
             ``init``, ``adapter_dtype``); default ``LoRAConfig()``. ``compute_dtype``, when set,
             overrides each layer's bitsandbytes ``compute_dtype``. The quantization fields are
             not used: the weights keep bitsandbytes' format (NF4 or FP4, nested or not, its
-            blocksize). Every 4-bit Linear is swapped, so ``target_modules`` must stay
-            ``"all-linear"`` and ``exclude_modules`` None.
+            blocksize). ``target_modules`` / ``exclude_modules`` choose the adapted layers
+            (``"all-linear"``: every 4-bit Linear not excluded); each target must be a 4-bit Linear.
 
     Returns:
         ``model``, with only the adapters trainable (``mark_only_lora_trainable``).
@@ -74,18 +95,15 @@ def from_bnb(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
     Raises:
         TypeError: ``model`` is not an nn.Module, ``config`` not a LoRAConfig, or the model holds
             8-bit (LLM.int8) Linears (named).
-        ValueError: no 4-bit Linear found; a target selection in ``config``; a weight the
-            kernels cannot read (``nf4.QuantizedTensor.from_bnb`` names the layer and field).
+        ValueError: no 4-bit Linear found; target entries that match nothing, or match a layer
+            that is not a bitsandbytes 4-bit Linear (named); a weight the kernels cannot read
+            (``nf4.QuantizedTensor.from_bnb`` names the layer and field).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = LoRAConfig() if config is None else config
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a lora.LoRAConfig or None, got {type(config).__name__}")
-    if config.target_modules != ALL_LINEAR or config.exclude_modules is not None:
-        raise ValueError("from_bnb swaps every bitsandbytes 4-bit Linear, so config.target_modules must be "
-                         f"'all-linear' and exclude_modules None, got target_modules={config.target_modules!r}, "
-                         f"exclude_modules={config.exclude_modules!r}")
     eight_bit = [name for name, m in model.named_modules()
                  if isinstance(m, nn.Linear) and _quant_state(m) is None and _is_8bit_weight(m.weight)]
     if eight_bit:
@@ -94,6 +112,7 @@ def from_bnb(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
     if not names:
         raise ValueError(f"{type(model).__name__} has no bitsandbytes 4-bit Linear (a Linear whose weight has a "
                          "quant_state); load it with BitsAndBytesConfig(load_in_4bit=True) first")
+    targets = _targets(model, config, names)
     # read every layer before changing any, so that a bad one leaves the model untouched
     quantized = {}
     for name in names:
@@ -109,12 +128,15 @@ def from_bnb(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
         parent, _, child = name.rpartition(".")
         old = model.get_submodule(name)
         compute = config.compute_dtype if config.compute_dtype is not None else getattr(old, "compute_dtype", None)
-        layer = QLoRALinear(quantized[name], old.bias, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                            use_rslora=config.use_rslora, init=config.init, compute_dtype=compute,
-                            adapter_dtype=config.adapter_dtype)
+        if name in targets:
+            layer = QLoRALinear(quantized[name], old.bias, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                                use_rslora=config.use_rslora, init=config.init, compute_dtype=compute,
+                                adapter_dtype=config.adapter_dtype)
+        else:
+            layer = QuantizedLinear(quantized[name], old.bias, compute_dtype=compute)
         layer.train(old.training)
         setattr(model.get_submodule(parent), child, layer)
     mark_only_lora_trainable(model)
-    log.info("from_bnb(%s): %d bitsandbytes 4-bit Linears now run on our kernels (storage shared)",
-             type(model).__name__, len(names))
+    log.info("from_bnb(%s): %d bitsandbytes 4-bit Linears now run on our kernels (storage shared), "
+             "%d of them adapted", type(model).__name__, len(names), len(targets))
     return model

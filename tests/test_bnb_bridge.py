@@ -226,6 +226,28 @@ def test_from_bnb_trains_only_the_adapters_and_keeps_bias_and_compute_dtype():
     assert model[2].lora_B.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("config", [lora.LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=["2"]),
+                                    lora.LoRAConfig(r=2, alpha=4, dropout=0.0, exclude_modules=["0"]),
+                                    lora.LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=r".*2")])
+def test_from_bnb_adapts_the_targets_and_freezes_the_rest_on_the_same_storage(config):
+    model = nn.Sequential(bnb_linear(32, 64), nn.ReLU(), bnb_linear(16, 32, quant_type="fp4", nested=False))
+    x = torch.randn(5, 64)
+    with torch.no_grad(), exact_fp32_bnb_forward(model):
+        want = model(x)
+    before = [(model[i].weight, model[i].weight.quant_state, model[i].bias) for i in (0, 2)]
+    lora.from_bnb(model, config)
+    assert type(model[0]) is lora.QuantizedLinear and type(model[2]) is lora.QLoRALinear
+    for layer, (w, qs, bias) in zip((model[0], model[2]), before):
+        assert shares_storage(layer.quantized_weight, w, qs) and layer.bias is bias
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"2.lora_A", "2.lora_B"}
+    for backend in ("reference", "auto"):
+        with torch.no_grad(), kernels.force_backend(backend):
+            got = model(x)
+        assert float((got - want).abs().max()) <= 2 * 64 * EPS32 * float(want.abs().max()), backend
+    model(x).square().sum().backward()
+    assert model[2].lora_B.grad.abs().sum() > 0
+
+
 def test_from_bnb_reads_the_modules_copy_of_a_lost_quant_state():
     """FSDP can drop ``quant_state`` from the parameter; bitsandbytes keeps a copy on the module."""
     layer = bnb_linear(32, 64)
@@ -242,8 +264,12 @@ def test_from_bnb_refuses_clearly_and_leaves_the_model_untouched():
         lora.from_bnb(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(TypeError, match=r"8-bit \(LLM.int8\) Linears .*\['1'\]"):
         lora.from_bnb(nn.Sequential(bnb_linear(32, 64), bnb.nn.Linear8bitLt(32, 16, has_fp16_weights=False)))
-    with pytest.raises(ValueError, match="target_modules must be 'all-linear'"):
-        lora.from_bnb(nn.Sequential(bnb_linear(32, 64)), lora.LoRAConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"adapts bitsandbytes 4-bit Linears only; these targets are not: \['1'\]"):
+        lora.from_bnb(nn.Sequential(bnb_linear(32, 64), nn.Linear(32, 8)), lora.LoRAConfig(target_modules=["0", "1"]))
+    with pytest.raises(ValueError, match=r"matched no module of Sequential: \[.q_proj.\]"):
+        lora.from_bnb(nn.Sequential(bnb_linear(32, 64)), lora.LoRAConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="excludes every 4-bit Linear"):
+        lora.from_bnb(nn.Sequential(bnb_linear(32, 64)), lora.LoRAConfig(exclude_modules=["0"]))
     good, bad = bnb_linear(32, 64), bnb_linear(16, 32)
     bad.weight.quant_state.blocksize = 48
     model = nn.Sequential(good, bad)
