@@ -379,12 +379,15 @@ def _scratch(device: torch.device, counters: int, ws_floats: int) -> tuple[torch
     split-K partials. Kernels on one stream run in order, so they can share both; keeping them
     makes a call allocate nothing but its output (CUDA graphs: warm up once before capture)."""
     key = _stream_key(device)
-    cnt, ws = _counters.get(key, (None, None))
+    hit = _counters.get(key)
+    if hit is not None and hit[2] >= counters and hit[3] >= ws_floats:  # the steady state: no tensor call
+        return hit[0], hit[1]
+    cnt, ws = (None, None) if hit is None else hit[:2]
     if cnt is None or cnt.numel() < counters:
         cnt = torch.zeros(max(counters, 1024), dtype=torch.int32, device=device)
     if ws is None or ws.numel() < ws_floats:
         ws = torch.empty(max(ws_floats, 1 << 16), dtype=torch.float32, device=device)
-    _counters[key] = (cnt, ws)
+    _counters[key] = (cnt, ws, cnt.numel(), ws.numel())
     return cnt, ws
 
 

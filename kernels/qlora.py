@@ -80,12 +80,13 @@ def _check_inputs(x, qt, lora_A, lora_B, scale, bias, dropout_p):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     check_device(x, "x")
+    dev = x.device
     if x.dtype not in ACT_DTYPES:
         raise TypeError(f"x must be one of {ACT_DTYPES}, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x.shape[-1] must equal the weight's in_features K={k}, got x.shape={tuple(x.shape)}")
-    if qt.device != x.device:
-        raise ValueError(f"the weight is on {qt.device} but x is on {x.device}")
+    if qt.data.device != dev:
+        raise ValueError(f"the weight is on {qt.device} but x is on {dev}")
     if (lora_A is None) != (lora_B is None):
         kind = lambda t: "None" if t is None else "Tensor"  # noqa: E731
         raise ValueError("lora_A and lora_B must both be tensors or both be None, got "
@@ -96,8 +97,8 @@ def _check_inputs(x, qt, lora_A, lora_B, scale, bias, dropout_p):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dtype != x.dtype:
                 raise TypeError(f"{name}.dtype must match x.dtype={x.dtype}, got {t.dtype}")
-            if t.device != x.device:
-                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+            if t.device != dev:
+                raise ValueError(f"{name} is on {t.device} but x is on {dev}")
             if t.dim() != 2:
                 raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
         if lora_A.shape[1] != k:
@@ -116,8 +117,8 @@ def _check_inputs(x, qt, lora_A, lora_B, scale, bias, dropout_p):
             raise TypeError(f"bias must be a floating tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+        if bias.device != dev:
+            raise ValueError(f"bias is on {bias.device} but x is on {dev}")
     if (not (type(dropout_p) is float or type(dropout_p) is int)
             and (isinstance(dropout_p, bool) or not isinstance(dropout_p, Real))) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
