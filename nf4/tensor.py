@@ -349,7 +349,7 @@ def _decode_blocks(packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tens
 
 
 _COMPILED: dict[str, object] = {}
-_COMPILE_MIN_ELEMENTS = 1 << 20  # below this the one-off compile costs more than it saves
+_COMPILE_MIN_ELEMENTS = 1 << 17  # below this the one-off compile costs more than it saves
 
 
 def _fast_decode():
