@@ -348,49 +348,27 @@ def _decode_blocks(packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tens
     return (vals * absmax[:, None]).to(dtype).view(-1)
 
 
-_COMPILED: dict[object, object] = {}
+_COMPILED: dict[str, object] = {}
 _COMPILE_MIN_ELEMENTS = 1 << 17  # below this the one-off compile costs more than it saves
 
 
-def _select_decoder(levels: tuple[float, ...]):
-    """``_decode_blocks`` for one codebook with the table lookup written as 15 selects.
-
-    Inductor vectorizes a chain of ``where(nibble == j, level_j, ...)`` on constants (a 16-lane
-    compare and blend per level), where a gather from a table compiles to a scalar loop. Each
-    value is still ``level * absmax`` rounded once in float32, then cast once: the same bits.
-    """
-    def lookup(nib: torch.Tensor) -> torch.Tensor:
-        v = torch.full(nib.shape, levels[0], dtype=torch.float32)
-        for j in range(1, 16):
-            v = torch.where(nib == j, levels[j], v)
-        return v
-
-    def decode(packed: torch.Tensor, absmax: torch.Tensor, bs: int, dtype: torch.dtype) -> torch.Tensor:
-        p = packed.view(-1, bs // 2)
-        a = absmax[:, None]
-        return torch.stack(((lookup(p >> 4) * a).to(dtype), (lookup(p & 15) * a).to(dtype)), dim=2).view(-1)
-
-    return decode
-
-
-def _fast_decode(code: torch.Tensor):
-    """The select decoder of ``code`` through torch.compile on CPU (fused, vectorized C++), or None.
+def _fast_decode():
+    """``_decode_blocks`` through torch.compile on CPU (fused, vectorized C++), or None.
 
     The compiled graph is the same float32 arithmetic, bit-identical (tested); a failure to
     compile falls back to eager for good. ``NF4_COMPILE=0`` turns it off.
     """
-    key = tuple(code.tolist())
-    if key not in _COMPILED:
+    if "fn" not in _COMPILED:
         fn = None
         if os.environ.get("NF4_COMPILE", "1") != "0":
             try:
-                # static shapes: inductor vectorizes them better than dynamic ones here; a model
-                # has few distinct weight shapes
-                fn = torch.compile(_select_decoder(key), dynamic=False)
+                # static shapes: inductor vectorizes them ~2.7x better than dynamic ones here
+                # (22 vs 60 ms for 4096x4096 bf16); a model has few distinct weight shapes
+                fn = torch.compile(_decode_blocks, dynamic=False)
             except Exception:  # noqa: BLE001 - no compiler toolchain: stay eager
                 fn = None
-        _COMPILED[key] = fn
-    return _COMPILED[key]
+        _COMPILED["fn"] = fn
+    return _COMPILED["fn"]
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -417,18 +395,16 @@ def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
     packed = packed.reshape(-1)
     full = n - n % bs
     nfull = full // bs
-    fast = None
-    if device.type == "cpu" and full >= _COMPILE_MIN_ELEMENTS and not torch.compiler.is_compiling():
-        fast = _fast_decode(code)
-    if fast is not None:
+    fast = _fast_decode() if (device.type == "cpu" and full >= _COMPILE_MIN_ELEMENTS) else None
+    if fast is not None and not torch.compiler.is_compiling():
         try:
-            body = fast(packed[: full // 2], absmax[:nfull], bs, dtype)
+            body = fast(packed[: full // 2], absmax[:nfull], pairs, bs, dtype)
             if full == n:
                 return body
             tail = pairs[packed[full // 2 :].long()].view(-1)[: n - full]
             return torch.cat([body, (tail * absmax[nfull]).to(dtype)])
         except Exception:  # noqa: BLE001 - compiler failure at run time: eager from now on
-            _COMPILED[tuple(code.tolist())] = None
+            _COMPILED["fn"] = None
     out = torch.empty(n, dtype=dtype, device=device)
     step = max(bs, chunk_elements - chunk_elements % bs)
     for start in range(0, full, step):
