@@ -63,11 +63,12 @@ def test_the_keep_rule_bounds_the_extra_memory_by_the_saved_input(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_compiled_dequantize_equals_eager_on_odd_sizes(dtype, double_quant, monkeypatch):
+@pytest.mark.parametrize("double_quant, quant_type", [(True, "nf4"), (False, "nf4"), (True, "fp4")])
+def test_compiled_dequantize_equals_eager_on_odd_sizes(dtype, double_quant, quant_type, monkeypatch):
     monkeypatch.setattr(T, "_COMPILE_MIN_ELEMENTS", 1 << 12)
     w = torch.randn(129, 67) * 0.05  # 8643 elements: a partial last block, an odd byte
-    qt = nf4.quantize(w.to(dtype), double_quant=double_quant)
+    w.view(-1)[:64] = 0  # an all-zero block
+    qt = nf4.quantize(w.to(dtype), quant_type, double_quant=double_quant)
     fast = nf4.dequantize(qt)
     assert T._fast_decode() is not None
     monkeypatch.setattr(T, "_COMPILE_MIN_ELEMENTS", 1 << 40)
