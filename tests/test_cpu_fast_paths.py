@@ -73,3 +73,39 @@ def test_compiled_dequantize_equals_eager_on_odd_sizes(dtype, double_quant, quan
     assert T._fast_decode() is not None
     monkeypatch.setattr(T, "_COMPILE_MIN_ELEMENTS", 1 << 40)
     assert torch.equal(_bits(fast), _bits(nf4.dequantize(qt)))
+
+
+def test_dequantize_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(T, "_COMPILE_MIN_ELEMENTS", 1 << 12)
+    monkeypatch.setitem(T._COMPILED, "fn", broken)
+    qt = nf4.quantize(torch.randn(100, 90))
+    got = nf4.dequantize(qt)
+    assert T._COMPILED["fn"] is None  # given up for good
+    monkeypatch.setattr(T, "_COMPILE_MIN_ELEMENTS", 1 << 40)
+    assert torch.equal(got, nf4.dequantize(qt))
+
+
+def test_bf16_layer_on_cpu_multiplies_in_bf16_within_its_rounding_bound(monkeypatch):
+    """bf16 activations: bf16 GEMMs with fp32 accumulation (QLORA_CPU_BF16_GEMM=0: fp32 GEMMs);
+    both within a few bf16 roundings of the float64 result."""
+    from kernels import reference
+
+    torch.manual_seed(0)
+    layer = lora.QLoRALinear(torch.randn(64, 96), torch.randn(64), r=4, alpha=8).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(32, 96).to(torch.bfloat16)
+    w = nf4.dequantize(layer.quantized_weight, torch.float32).double()
+    xd, a, b = x.double(), layer.lora_A.double(), layer.lora_B.double()
+    want = xd @ w.T + layer.scale * (xd @ a.T) @ b.T + layer.bias.double()
+    mag = xd.abs() @ w.abs().T + layer.scale * (xd.abs() @ a.abs().T) @ b.abs().T + layer.bias.double().abs()
+    for flag in ("1", "0"):
+        monkeypatch.setenv(reference.BF16_GEMM_ENV, flag)
+        assert reference.gemm_dtype(torch.bfloat16) == (torch.bfloat16 if flag == "1" else torch.float32)
+        with torch.no_grad(), kernels.force_backend("reference"):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        assert ((y.double() - want).abs() <= 4 * 2.0 ** -8 * mag + 1e-6).all(), flag
