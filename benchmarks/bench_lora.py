@@ -21,6 +21,10 @@ high-water mark (``lora.PeakMemory``) with glibc's mmap threshold pinned at 64 K
 tensor-sized block is returned to the OS when freed; it sees temporaries inside fused ops too,
 at the price of a few hundred KiB of allocator noise.
 
+On CPU the run ends with the whole-model step of ``benchmarks/minilm_step.py`` (all-MiniLM-L6-v2,
+every Linear 4-bit + LoRA r=16, batch 8x128, fp32 and bf16, vs transformers + bitsandbytes + peft,
+interleaved) when its packages and weights are installed.
+
     python -m benchmarks.bench_lora --quick --device cpu --out benchmarks/out/bench_lora.json
 """
 
@@ -42,12 +46,14 @@ from torch import nn
 
 import kernels
 import lora
+from benchmarks import minilm_step
 from benchmarks.timing import median_time
 
 PROVIDERS = ("qlora", "peft_bnb", "lora16")
 FULL = dict(shapes=[(4096, 4096), (14336, 4096)], tokens=[512, 1024, 2048, 4096, 8192, 16384], ranks=[8, 16, 64])
 CPU_QUICK = dict(shapes=[(1024, 1024), (3584, 1024)], tokens=[128, 512], ranks=[8, 16, 64])
 CPU_FULL = dict(shapes=[(4096, 4096), (14336, 4096)], tokens=[512, 1024], ranks=[8, 16, 64])
+MINILM_STEP = True  # on CPU, also the whole-model MiniLM step (benchmarks/minilm_step.py)
 CPU_THREADS = 1  # the CI CPU is shared: with 2 threads, OpenMP spin-waits made timings vary 5x (measured)
 M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
 MIB = 2 ** 20
@@ -191,6 +197,9 @@ def run(quick: bool = True, device: str = "cpu") -> dict:
         _sweep(grid, providers, dtype, dev, reps, backend, rows)
     finally:
         torch.set_num_threads(threads)
+    step = None
+    if dev.type == "cpu" and MINILM_STEP and minilm_step.available():
+        step = minilm_step.run(reps=5 if quick else 7)  # whole model, all threads, interleaved
     summary = {}
     for other in ("peft_bnb", "lora16"):
         ratios = [row[f"time_vs_{other}"] for row in rows if f"time_vs_{other}" in row]
@@ -203,7 +212,15 @@ def run(quick: bool = True, device: str = "cpu") -> dict:
                 reduced_shapes=dev.type == "cpu", providers=providers, mmap_threshold_pinned=pinned,
                 kernels_backend="reference (plain PyTorch)" if dev.type == "cpu" else "triton",
                 versions=_versions())
-    return dict(rows=rows, summary=summary, meta=meta, markdown=to_markdown(rows, summary, meta))
+    md = to_markdown(rows, summary, meta)
+    out = dict(rows=rows, summary=summary, meta=meta)
+    if step is not None:
+        out["minilm_step"] = {k: step[k] for k in ("rows", "meta")}
+        for r in step["rows"]:
+            summary[f"minilm_step_speedup_{r['dtype']}"] = r["speedup"]
+        md += "\n" + step["markdown"]
+    out["markdown"] = md
+    return out
 
 
 def _versions() -> dict:
@@ -263,7 +280,8 @@ def main(argv=None) -> int:
     print(res["markdown"])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({k: res[k] for k in ("rows", "summary", "meta")}, indent=2))
+        args.out.write_text(json.dumps({k: res[k] for k in ("rows", "summary", "meta", "minilm_step") if k in res},
+                                       indent=2))
         args.out.with_suffix(".md").write_text(res["markdown"])
     return 0
 

@@ -3,13 +3,16 @@
     python -m benchmarks.bench_quantize [--quick] [--device cpu|cuda] [--out DIR]
 
 Shapes are Llama layers (4096x4096, 4096x14336) in bf16, NF4 with double quantization.
-Warm-up then the median of >= 5 runs. The roofline is memory traffic: quantize reads 2 bytes
+Warm-up, then >= 5 runs with the providers interleaved (CPU): median, min and max. The roofline is memory traffic: quantize reads 2 bytes
 and writes ~0.52 bytes per weight; dequantize the reverse.
 """
 
 from __future__ import annotations
 
+import datetime
 import platform
+import statistics
+import time
 
 import torch
 
@@ -24,8 +27,26 @@ def _bytes_moved(n: int) -> float:
     return n * 2 + n * 4.127 / 8  # bf16 in/out + packed NF4+DQ
 
 
+def _interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
+    """Median / min / max seconds of each callable, the providers alternating in every repetition."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(v), min(v), max(v)) for k, v in samples.items()}
+
+
 def run(quick: bool = False, device: str = "cpu") -> dict:
-    """Time both providers on each shape; returns ``{"rows", "markdown", "meta"}``."""
+    """Time both providers on each shape; returns ``{"rows", "markdown", "meta"}``.
+
+    On CPU the providers are interleaved inside every repetition (median, min and max of each;
+    ``*_speedup`` = bnb median / our median, ``*_speedup_range`` = the worst and best pairing
+    of repetitions' extremes: bnb min / our max .. bnb max / our min)."""
     dev = torch.device(device)
     shapes = SHAPES[:1] if quick else SHAPES
     reps = 5 if quick else 7
@@ -36,38 +57,64 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         w = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16).to(dev)
         n = w.numel()
         qt = nf4.quantize(w)
-        row = {"shape": list(shape), "numel": n,
-               "ours_quantize_s": median_time(lambda: nf4.quantize(w), dev, reps=reps),
-               "ours_dequantize_s": median_time(lambda: qt.dequantize(), dev, reps=reps)}
+        fns = {"ours_quantize": lambda: nf4.quantize(w), "ours_dequantize": lambda: qt.dequantize()}
+        row = {"shape": list(shape), "numel": n, "reps": reps}
         if have_bnb:
             import bitsandbytes.functional as bnbf
 
             q, s = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
             row["identical_to_bnb"] = bool(torch.equal(q, qt.data) and torch.equal(s.absmax, qt.absmax))
-            row["bnb_quantize_s"] = median_time(
-                lambda: bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"), dev, reps=reps)
-            row["bnb_dequantize_s"] = median_time(lambda: bnbf.dequantize_4bit(q, s), dev, reps=reps)
-            row["quantize_speedup"] = row["bnb_quantize_s"] / row["ours_quantize_s"]
-            row["dequantize_speedup"] = row["bnb_dequantize_s"] / row["ours_dequantize_s"]
+            row["dequantize_identical_to_bnb"] = bool(torch.equal(bnbf.dequantize_4bit(q, s), qt.dequantize()))
+            fns["bnb_quantize"] = lambda: bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True,
+                                                             quant_type="nf4")
+            fns["bnb_dequantize"] = lambda: bnbf.dequantize_4bit(q, s)
+        if dev.type == "cuda":
+            for k, fn in fns.items():
+                row[f"{k}_s"] = median_time(fn, dev, reps=reps)
+        else:
+            for k, (med, lo, hi) in _interleaved(fns, reps).items():
+                row[f"{k}_s"], row[f"{k}_min_s"], row[f"{k}_max_s"] = med, lo, hi
         for k in ("quantize", "dequantize"):
+            if f"bnb_{k}_s" in row:
+                row[f"{k}_speedup"] = row[f"bnb_{k}_s"] / row[f"ours_{k}_s"]
+                if f"bnb_{k}_min_s" in row:
+                    row[f"{k}_speedup_range"] = [row[f"bnb_{k}_min_s"] / row[f"ours_{k}_max_s"],
+                                                 row[f"bnb_{k}_max_s"] / row[f"ours_{k}_min_s"]]
             row[f"ours_{k}_GBps"] = _bytes_moved(n) / row[f"ours_{k}_s"] / 1e9
         rows.append(row)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "bitsandbytes": have_bnb}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "bitsandbytes": have_bnb,
+            "date": datetime.date.today().isoformat(), "interleaved": dev.type == "cpu"}
     return {"rows": rows, "markdown": _markdown(rows, meta), "meta": meta}
 
 
 def _markdown(rows: list[dict], meta: dict) -> str:
+    how = ("providers interleaved in each repetition, median (min..max) of " if meta.get("interleaved")
+           else "median of ")
     lines = [f"Quantize / dequantize, bf16 -> NF4+DQ (blocksize 64/256), device: {meta['device']}, "
-             f"{meta['threads']} threads. Median of >= 5 after warm-up; speed-up = bnb time / our time.", "",
-             "| shape | ours quantize (ms) | bnb quantize (ms) | speed-up | ours dequantize (ms) | bnb dequantize (ms) | speed-up | bit-identical |",
+             f"{meta['threads']} threads, {meta.get('date', '')}. After warm-up, {how}"
+             f"{rows[0]['reps'] if rows else 0} runs; speed-up = bnb time / our time (range: bnb min / our "
+             "max .. bnb max / our min).", "",
+             "| shape | ours quantize (ms) | bnb quantize (ms) | speed-up | ours dequantize (ms) | "
+             "bnb dequantize (ms) | speed-up | bit-identical (quantize / dequantize) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        f = lambda k: f"{r[k] * 1e3:.1f}" if k in r else "n/a"  # noqa: E731
-        x = lambda k: f"{r[k]:.2f}x" if k in r else "n/a"  # noqa: E731
-        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {f('ours_quantize_s')} | {f('bnb_quantize_s')} | "
-                     f"{x('quantize_speedup')} | {f('ours_dequantize_s')} | {f('bnb_dequantize_s')} | "
-                     f"{x('dequantize_speedup')} | {r.get('identical_to_bnb', 'n/a')} |")
+        def f(k):
+            if f"{k}_s" not in r:
+                return "n/a"
+            if f"{k}_min_s" in r:
+                return f"{r[k + '_s'] * 1e3:.1f} ({r[k + '_min_s'] * 1e3:.1f}..{r[k + '_max_s'] * 1e3:.1f})"
+            return f"{r[k + '_s'] * 1e3:.1f}"
+
+        def x(k):
+            if k not in r:
+                return "n/a"
+            rng = r.get(f"{k}_range")
+            return f"{r[k]:.2f}x" + (f" ({rng[0]:.2f}..{rng[1]:.2f})" if rng else "")
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {f('ours_quantize')} | {f('bnb_quantize')} | "
+                     f"{x('quantize_speedup')} | {f('ours_dequantize')} | {f('bnb_dequantize')} | "
+                     f"{x('dequantize_speedup')} | {r.get('identical_to_bnb', 'n/a')} / "
+                     f"{r.get('dequantize_identical_to_bnb', 'n/a')} |")
     if not meta["bitsandbytes"]:
         lines.append("\nbitsandbytes is not installed: no side-by-side numbers.")
     return "\n".join(lines)

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 import nf4
+from kernels import adamw_cpu
 from kernels.dispatch import check_device, interpreting, use_triton
 
 __all__ = [
@@ -351,6 +352,29 @@ def _launch(params, grads, ms, vs, mas, vas, sc: AdamWScalars) -> None:
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _cpu_fast(p, g, m, v, sc, ma, va, cpu_scalars: list) -> bool:
+    """The compiled CPU loop (``kernels.adamw_cpu``) for one large contiguous CPU tensor; the
+    partial last 8-bit block goes through the reference. False: the caller runs the reference."""
+    n = p.numel()
+    if (p.device.type != "cpu" or n < adamw_cpu.MIN_NUMEL or not adamw_cpu.enabled()
+            or not all(t.is_contiguous() for t in (p, g, m, v))):
+        return False
+    if not cpu_scalars:
+        cpu_scalars.append(adamw_cpu.scalars_tensor(sc))
+    s = cpu_scalars[0]
+    if ma is None:
+        return adamw_cpu.step32(p, g, m, v, s)
+    full = n - n % STATE_BLOCKSIZE
+    nb = full // STATE_BLOCKSIZE
+    flat = [t.view(-1) for t in (p, g, m, v)]
+    qmap_m, qmid_m, qmap_v, qmid_v = state_maps("cpu")
+    if not adamw_cpu.step8(*(t[:full] for t in flat), ma[:nb], va[:nb], s, (qmap_m, qmid_m, qmap_v, qmid_v)):
+        return False
+    if full < n:
+        adamw_reference_(*(t[full:] for t in flat), sc, ma[nb:], va[nb:])
+    return True
+
+
 def _check(params, grads, ms, vs, mas, vas) -> None:
     k = len(params)
     for name, seq in (("grads", grads), ("exp_avgs", ms), ("exp_avg_sqs", vs)):
@@ -435,10 +459,13 @@ def adamw_update(
     else:
         triton_ok = False
     groups: dict[tuple, list[int]] = {}
+    cpu_scalars: list = []  # built once, on first use
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         if triton_ok and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous():
             groups.setdefault((p.dtype, g.dtype), []).append(i)
-        else:  # strided tensors take the reference path (same numbers, see module docstring)
+        elif not _cpu_fast(p, g, m, v, sc, exp_avg_absmax[i] if eight_bit else None,
+                           exp_avg_sq_absmax[i] if eight_bit else None, cpu_scalars):
+            # strided tensors take the reference path (same numbers, see module docstring)
             adamw_reference_(p, g, m, v, sc, *((exp_avg_absmax[i], exp_avg_sq_absmax[i]) if eight_bit else ()))
     lists = (params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax)
     for idx in groups.values():

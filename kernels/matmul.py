@@ -71,7 +71,7 @@ def _dense(state, n, k, blocksize, dtype):
 
 
 def _dense_w(state, n, k, blocksize, dtype):
-    return reference.dequantize_packed(*state, n * k, blocksize, reference.compute_dtype(dtype)).view(n, k)
+    return reference.dequantize_packed(*state, n * k, blocksize, reference.gemm_dtype(dtype)).view(n, k)
 
 
 def nf4_linear(

@@ -11,6 +11,7 @@ bench = pytest.importorskip("benchmarks.bench_lora")
 
 def test_tiny_sweep_rows_ratios_and_markdown(monkeypatch):
     monkeypatch.setattr(bench, "CPU_QUICK", dict(shapes=[(96, 64)], tokens=[8], ranks=[4, 8]))
+    monkeypatch.setattr(bench, "MINILM_STEP", False)  # the whole-model step has its own test
     threads = torch.get_num_threads()
     res = bench.run(quick=True, device="cpu")
     assert torch.get_num_threads() == threads  # restored
@@ -38,3 +39,15 @@ def test_unknown_device_and_provider_are_named():
         bench.run(quick=True, device="mps")
     with pytest.raises(ValueError, match="provider must be one of .* got 'gptq'"):
         bench.build("gptq", torch.randn(8, 64), 2, torch.float32, torch.device("cpu"))
+
+
+def test_minilm_step_markdown_quotes_every_row():
+    """The whole-model step's table (the timing itself runs in the benchmark, ~1 min here)."""
+    step = pytest.importorskip("benchmarks.minilm_step")
+    rows = [dict(dtype=d, reps=5, ours_median_s=a, peer_median_s=b, ours_min_s=a * 0.9, ours_max_s=a * 1.1,
+                 peer_min_s=b * 0.9, peer_max_s=b * 1.2, speedup=b / a)
+            for d, a, b in (("float32", 0.4, 0.46), ("bfloat16", 0.28, 0.32))]
+    md = step.to_markdown(rows, dict(rank=16, batch=[8, 128], threads=2, date="2026-12-02"))
+    assert "r=16" in md and "8x128" in md and "2026-12-02" in md
+    assert "| float32 | 0.400 (0.360..0.440) | 0.460 (0.414..0.552) | 1.15x |" in md
+    assert "| bfloat16 | 0.280" in md and f"{0.32 / 0.28:.2f}x" in md
