@@ -11,9 +11,12 @@ documents by cosine similarity to each query; the right document should come fir
     pairs = stdlib_pairs()                  # deterministic, de-duplicated
     train, test = split_by_module(pairs)    # no module on both sides
 
-Determinism: modules are imported in sorted order (with stdout/stderr and warnings silenced),
-names visited in sorted order, and default values whose repr carries a memory address or an
-object's identity (``<object object at 0x...>``, ``<_io.TextIOWrapper ...>``) are written ``...``.
+Determinism: the extraction runs in a fresh, isolated interpreter (``python -I -S``: no site
+packages, so nothing has patched the stdlib: transformers, for one, adds methods to
+``logging.Logger`` and torch wraps some of ``inspect``); modules are imported in sorted order
+(stdout/stderr and warnings silenced), names visited in sorted order, and a default value is
+written as its repr only when it is a plain literal (None, bool, int, float, str, bytes, or a
+tuple of those), else ``...`` (a list of live handlers, ``<object object at 0x...>``).
 Duplicates: a query or a document seen before is dropped (the first, in that order, is kept), so
 every query has exactly one right document.
 """
@@ -24,11 +27,13 @@ import contextlib
 import importlib
 import inspect
 import io
+import json
 import re
+import subprocess
 import sys
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 # Modules with import side effects (GUI, a browser, printing, terminal state) or that are not
 # part of the documented library.
@@ -40,7 +45,7 @@ SKIP_MODULES = frozenset({
 })
 MIN_QUERY_WORDS = 4        # "Return the value." is not a query anyone would search with
 TEST_PERCENT = 30          # share of modules (by a CRC32 of the name) in the test split
-_ANGLE_REPR = re.compile(r"<[^<>]*>")
+_ADDRESS_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,8 @@ def first_paragraph(doc: str | None) -> str:
 
 
 def clean_signature(sig: str) -> str:
-    """Replace identity-bearing reprs (``<... at 0x...>``) by ``...`` so the text is reproducible."""
-    prev = None
-    while prev != sig:
-        prev, sig = sig, _ANGLE_REPR.sub("...", sig)
-    return sig
+    """Replace reprs that carry an address (``<... at 0x...>``) by ``...`` (annotations can hold them)."""
+    return _ADDRESS_REPR.sub("...", sig)
 
 
 def _import_quietly(name: str):
@@ -95,11 +97,30 @@ def _own(obj, modname: str) -> bool:
     return isinstance(owner, str) and (owner == modname or owner.startswith(modname + "."))
 
 
+class _Text:
+    """A default value shown verbatim in a signature."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _literal(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return True
+    return type(value) is tuple and all(_literal(v) for v in value)
+
+
 def _signature(obj) -> str | None:
     try:
-        return clean_signature(str(inspect.signature(obj)))
+        sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return None
+    params = [p if p.default is inspect.Parameter.empty or _literal(p.default) else p.replace(default=_Text("..."))
+              for p in sig.parameters.values()]
+    return clean_signature(str(sig.replace(parameters=params)))
 
 
 def _pair(modname: str, qualname: str, obj) -> Pair | None:
@@ -133,6 +154,8 @@ def module_pairs(modname: str) -> list[Pair]:
                 raw = vars(obj)[attr]
                 if isinstance(raw, (staticmethod, classmethod)):
                     raw = raw.__func__
+                if inspect.isfunction(raw) and not _own(raw, modname):
+                    continue  # added to a stdlib class by a third-party package
                 if inspect.isfunction(raw) or inspect.ismethoddescriptor(raw) or inspect.isbuiltin(raw):
                     p = _pair(modname, f"{qual}.{attr}", raw)
                     if p is not None:
@@ -142,11 +165,25 @@ def module_pairs(modname: str) -> list[Pair]:
 
 def stdlib_pairs(modules: list[str] | None = None) -> list[Pair]:
     """Pairs of ``modules`` (default: every public stdlib module), in module then name order,
-    with repeated queries and repeated documents dropped (first kept)."""
+    with repeated queries and repeated documents dropped (first kept). Extracted in a fresh
+    isolated interpreter (module docstring), so the result does not depend on this process.
+
+    Raises:
+        ValueError: a module of ``SKIP_MODULES`` asked for; RuntimeError: the extraction failed.
+    """
     names = stdlib_module_names() if modules is None else list(modules)
     bad = [m for m in names if m in SKIP_MODULES]
     if bad:
         raise ValueError(f"modules {bad} have import side effects and are skipped by design")
+    proc = subprocess.run([sys.executable, "-I", "-S", __file__, *names], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pair extraction failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return [Pair(**d) for d in json.loads(proc.stdout)]
+
+
+def extract_pairs(names: list[str]) -> list[Pair]:
+    """The extraction itself, in this process (``stdlib_pairs`` runs it in a clean one)."""
     seen_q: set[str] = set()
     seen_d: set[str] = set()
     out: list[Pair] = []
@@ -182,3 +219,11 @@ def subsample(pairs: list[Pair], n: int | None) -> list[Pair]:
         raise ValueError(f"n must be >= 1, got {n!r}")
     step = len(pairs) / n
     return [pairs[int(i * step)] for i in range(n)]
+
+
+if __name__ == "__main__":
+    # the clean-interpreter side of stdlib_pairs: module names in argv, JSON pairs on stdout
+    sys.path.pop(0)  # this file's folder: nothing in it may shadow a stdlib module
+    _out = sys.stdout
+    _pairs = extract_pairs(sys.argv[1:])
+    _out.write(json.dumps([asdict(p) for p in _pairs]))
