@@ -110,7 +110,7 @@ def plot(res: dict, path: str | Path) -> Path | None:
     colors = {"nf4": "tab:blue", "fp4": "tab:orange", "int4": "tab:green"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in ((axes[0], "recall_at_1", "recall@1 (95% bootstrap CI)"),
-                           (axes[1], "cos_mean", "mean cosine to fp32 embedding")):
+                           (axes[1], "cos_mean", "cosine to fp32 embedding: mean (filled), 5th pct (hollow)")):
         for r in rows:
             y = r[key]
             kw = dict(color=colors.get(r["format"], "k"), marker="o" if r["double_quant"] else "s",
@@ -120,11 +120,13 @@ def plot(res: dict, path: str | Path) -> Path | None:
                 ax.errorbar(r["bits_per_param"], y, yerr=[[y - lo], [hi - y]], capsize=3, **kw)
             else:
                 ax.plot(r["bits_per_param"], y, **kw)
+                ax.plot(r["bits_per_param"], r["cos_p5"], **{**kw, "markerfacecolor": "none"})
             ax.annotate(_label(r), (r["bits_per_param"], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if ref is not None and key == "recall_at_1":
             ax.axhline(ref[key], color="gray", linestyle="--", label=f"fp32 {ref[key]:.3f}")
             ax.axhspan(*ref["recall_at_1_ci"], color="gray", alpha=0.12)
             ax.legend(fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel("bits / parameter (Linear weights)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)

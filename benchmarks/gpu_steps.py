@@ -170,7 +170,8 @@ def minilm_model_dir() -> Path:
 
 def finetune(ctx: StepContext) -> dict:
     """The fidelity study (``benchmarks.fidelity``) on all-MiniLM-L6-v2, short: every zero-shot
-    format on all test pairs, then the four contrastive arms (one seed; three without --quick)."""
+    format on all test pairs, then the four contrastive arms, one seed (the step's 120 s budget;
+    ``seeds`` / ``steps`` params widen it)."""
     from dataclasses import replace
 
     from .fidelity import StudyConfig, run_study
@@ -178,9 +179,9 @@ def finetune(ctx: StepContext) -> dict:
     from .finetune import FinetuneConfig
 
     model = ctx.param("model", None) or str(minilm_model_dir())
-    seeds = tuple(ctx.param("seeds", (0,) if ctx.quick else (0, 1, 2)))
+    seeds = tuple(ctx.param("seeds", (0,)))
     cfg = StudyConfig(model_dir=model, seeds=seeds, reduced=True, resamples=1000,
-                      finetune=FinetuneConfig(steps=ctx.param("steps", 60), device=ctx.device))
+                      finetune=FinetuneConfig(steps=ctx.param("steps", 30), device=ctx.device))
     if ctx.param("arms", None):
         cfg = replace(cfg, arms=tuple(ctx.param("arms")))
     res = run_study(cfg)
