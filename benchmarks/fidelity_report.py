@@ -72,7 +72,8 @@ def markdown(res: dict, committed: Path | None = None) -> str:
         head.append(f"**Reduced version** ({p['test']} of {p['test_available']} test pairs, "
                     f"{len(res['config']['seeds'])} seed, {res['config']['finetune']['steps']} steps): the full "
                     "study is `python -m benchmarks.fidelity --full` (results committed in "
-                    "`benchmarks/results/fidelity.md`).")
+                    "`benchmarks/results/fidelity.md`). Recall is higher than the full study's because each "
+                    f"query ranks {p['test']} documents, not {p['test_available']}.")
     head.append(f"Task: stdlib docstring (first paragraph) -> `name(signature)` retrieval with all-MiniLM-L6-v2 "
                 f"(transformers, mean pooling, max {res['config']['finetune']['max_len']} tokens); "
                 f"{p['train']} train pairs ({p['train_modules']} modules), {p['test']} test pairs from "
