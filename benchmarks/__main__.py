@@ -8,7 +8,7 @@
 
 Writes ``<out>/report.md``, ``<out>/report.json`` and the PNG plots next to them. Sections:
 (a) quant: quantization fidelity, (b) memory: memory accounting, (c) speed: kernels / LoRA /
-optimizer benchmarks plus recorded GPU results, (d) finetune: QLoRA vs 16-bit LoRA, (e) load:
+optimizer benchmarks plus recorded GPU results, (d) finetune: the fidelity study, reduced (zero-shot formats, QLoRA vs 16-bit LoRA), (e) load:
 whole-model 4-bit load vs transformers + bitsandbytes (a reduced model; ~1B in bench_load).
 """
 

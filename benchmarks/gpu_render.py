@@ -122,10 +122,8 @@ CHECKS: list[Column] = [
     ("err / bound", val("worst_ratio")),
 ]
 FINETUNE: list[Column] = [
-    ("arm", val("arm")), ("held-out loss before", val("heldout_loss_before")),
-    ("after", val("heldout_loss_after")), ("vs 16-bit LoRA", lambda r: "" if r.get("diff_pct") is None else
-                                          f"{r['diff_pct']:+.2f}% (SE {r['se_pct']:.2f}%)"),
-    ("tokens/s", val("tokens_per_s")), ("peak MiB", mib("peak_bytes")),
+    ("row", val("row")), ("bits/param", val("bits_per_param")), ("recall@1 before", val("recall_at_1_before")),
+    ("recall@1", val("recall_at_1")), ("MRR", val("mrr")), ("cos to fp32", val("cos_mean")),
 ]
 PYTEST: list[Column] = [("test", val("test")), ("outcome", val("outcome")), ("message", val("message"))]
 

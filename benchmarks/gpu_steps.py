@@ -4,7 +4,7 @@
     check_dequantize    kernels.dequantize == nf4 reference, bit for bit       (gpu_checks)
     check_qlora_linear  forward and every gradient in bf16, every regime       (gpu_checks)
     check_paged_adamw   PagedAdamW vs torch AdamW, page_out, 8-bit state       (gpu_checks)
-    finetune            the 4-arm MiniLM fine-tune (the carried fp16 weights)
+    finetune            the fidelity study, short: zero-shot formats + 4-arm contrastive fine-tune
     pytest              the test suite's cuda-parametrized tests
 
 A step returns ``{"status": "failed", ...}`` when a check in it fails; rows are emitted as they
@@ -163,33 +163,40 @@ def minilm_model_dir() -> Path:
         return Path(os.environ[MINILM_ENV])
     if (CARRIED_MINILM / "config.json").exists():
         return CARRIED_MINILM
-    from .bert import minilm_dir
+    from .encoder import minilm_dir
 
     return minilm_dir()
 
 
 def finetune(ctx: StepContext) -> dict:
-    """The four arms (16-bit LoRA, NF4+DQ, FP4+DQ, NF4 + 8-bit state) on all-MiniLM-L6-v2."""
-    from .finetune import FinetuneConfig, run_finetune
-    from .ft_report import plot_curves
+    """The fidelity study (``benchmarks.fidelity``) on all-MiniLM-L6-v2, short: every zero-shot
+    format on all test pairs, then the four contrastive arms, one seed (the step's 120 s budget;
+    ``seeds`` / ``steps`` params widen it)."""
+    from dataclasses import replace
+
+    from .fidelity import StudyConfig, run_study
+    from .fidelity_report import plot, verdicts
+    from .finetune import FinetuneConfig
 
     model = ctx.param("model", None) or str(minilm_model_dir())
-    steps = ctx.param("steps", 30 if ctx.quick else 100)
-    cfg = FinetuneConfig(model=model, device=ctx.device, steps=steps, batch=ctx.param("batch", 32),
-                         seq_len=ctx.param("seq_len", 128), heldout_rows=ctx.param("heldout_rows", 256),
-                         eval_every=max(1, steps // 2), lr=1e-3, arms=tuple(ctx.param("arms", (
-                             "lora16", "qlora-nf4-dq", "qlora-fp4-dq", "qlora-nf4-8bit"))))
-    res = run_finetune(cfg)
-    vs = res["summary"].get("vs_baseline", {})
-    for a in res["arms"]:
-        row = {k: a[k] for k in ("arm", "label", "heldout_loss_before", "heldout_loss_after", "tokens_per_s",
-                                 "step_s_median", "peak_bytes", "trainable_params")}
-        row.update({k: vs.get(a["arm"], {}).get(k) for k in ("diff_pct", "se_pct", "loss_ratio", "tokens_per_s_ratio")})
-        ctx.emit(row)
-    for claim in res["summary"].get("claims", []):
-        ctx.note(claim)
-    ctx.note(f"model {Path(model).name}: {steps} steps x {cfg.batch} rows x {cfg.seq_len} tokens per arm")
-    plot_curves(res, ctx.out / "finetune_loss.png")
+    seeds = tuple(ctx.param("seeds", (0,)))
+    cfg = StudyConfig(model_dir=model, seeds=seeds, reduced=True, resamples=1000,
+                      finetune=FinetuneConfig(steps=ctx.param("steps", 30), device=ctx.device))
+    if ctx.param("arms", None):
+        cfg = replace(cfg, arms=tuple(ctx.param("arms")))
+    res = run_study(cfg)
+    for r in res["zero_shot"]:
+        label = "fp32" if r["format"] == "fp32" else \
+            f"zero-shot {r['format']}{'+dq' if r['double_quant'] else ''}/{r['blocksize']}"
+        ctx.emit({"row": label, **{k: r[k] for k in ("bits_per_param", "recall_at_1", "mrr", "cos_mean")}})
+    for r in res["finetune"]:
+        ctx.emit({"row": f"fine-tune {r['arm']} ({r['seeds']} seeds)", "recall_at_1_before": r["recall_at_1_before"],
+                  "recall_at_1": r["recall_at_1_mean"], "mrr": r["mrr_mean"]})
+    for v in verdicts(res):
+        ctx.note(v)
+    ctx.note(f"model {Path(model).name}: {res['pairs']['test']} test pairs, {cfg.finetune.steps} steps x "
+             f"{cfg.finetune.batch} pairs per arm and seed, {res['wall_s']:.0f} s")
+    plot(res, ctx.out / "fidelity_pareto.png")
     return {}
 
 

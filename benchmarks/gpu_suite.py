@@ -55,11 +55,11 @@ PLAN = (
     Step("check_paged_adamw", "benchmarks.gpu_steps:check_paged_adamw", 45,
          "PagedAdamW vs torch AdamW, page_out bit-identity, 8-bit state"),
     Step("regimes", "benchmarks.gpu_bench:regimes", 90, "nf4_matmul with each regime forced, M 1..4096"),
-    Step("finetune", "benchmarks.gpu_steps:finetune", 120, "the 4-arm all-MiniLM-L6-v2 fine-tune"),
+    Step("finetune", "benchmarks.gpu_steps:finetune", 120, "the fidelity study, short (all-MiniLM-L6-v2)"),
     Step("pytest", "benchmarks.gpu_steps:pytest_cuda", 180, "pytest -k cuda on the kernel, optim and lora tests"),
 )
 CORE_IMPORTS = ("nf4", "kernels", "lora", "optim", "benchmarks.gpu_bench", "benchmarks.gpu_steps",
-                "benchmarks.gpu_predicted", "benchmarks.gpu_checks", "benchmarks.finetune")
+                "benchmarks.gpu_predicted", "benchmarks.gpu_checks", "benchmarks.fidelity")
 
 
 # ---- the carried bitsandbytes wheel --------------------------------------------------------------
@@ -161,7 +161,7 @@ def dry_run(steps, budget_s: float, strict: bool = False) -> int:
         lines.append(f"  all-MiniLM-L6-v2             MISSING: {e}")
     lines.append(f"  perf_model.json              {'present' if PERF_MODEL.exists() else 'absent: the predicted step will be skipped'}")
     lines += ["", f"writes to --out: {JSONL_NAME} (every row, as measured), {MD_NAME} (after every step), "
-              f"{LOG_NAME} (the children's output), finetune_loss.png",
+              f"{LOG_NAME} (the children's output), fidelity_pareto.png",
               f"device command (run in the repo root): {DEVICE_COMMAND}"]
     print("\n".join(lines))
     if problems:

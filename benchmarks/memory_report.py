@@ -39,7 +39,7 @@ def confirm_against_quantized(quick: bool, device: str) -> list[dict]:
     try:
         from safetensors.torch import load_file
 
-        from .bert import minilm_dir
+        from .encoder import minilm_dir
 
         sd = load_file(str(minilm_dir() / "model.safetensors"))
         lin = [(k, v) for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2
@@ -76,13 +76,14 @@ def confirm_with_lora(device: str) -> dict | None:
     try:
         import lora
 
-        from .bert import MaskedLM, load_bert, minilm_dir
-        model = MaskedLM(load_bert(minilm_dir(), torch.bfloat16))  # as fine-tuned: no output Linear
+        from .encoder import load_minilm
+        model = load_minilm(dtype=torch.bfloat16)[0]  # as fine-tuned: the encoder, no pooler, no output Linear
     except (ModuleNotFoundError, ImportError):
         return None
     lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if n.rsplit(".", 1)[0] not in lin or n.endswith(".bias"))
+    other += sum(b.numel() * b.element_size() for b in model.buffers())  # e.g. BERT's position_ids
     formula = other + sum(quantized_bytes(m.weight.numel(), 64, True) + 2 * 16 * (m.in_features + m.out_features)
                           for m in lin.values())
     lora.apply_lora(model, lora.LoRAConfig(r=16, alpha=32, adapter_dtype=torch.bfloat16,

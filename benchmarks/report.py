@@ -57,7 +57,8 @@ SECTIONS = (
         Part("benchmarks.recorded", "Recorded GPU results (committed)", recorded=True),
     ), "Tables marked 'measured now' ran in this invocation on the device named; 'recorded' results "
        "are read from benchmarks/results/ and carry their own date and device.", cpu_quick=True),
-    Section("d", "finetune", "(d) Fine-tune: QLoRA vs 16-bit LoRA", (Part("benchmarks.finetune", "Fine-tune"),)),
+    Section("d", "finetune", "(d) Fidelity: zero-shot formats and QLoRA vs 16-bit LoRA fine-tuning (reduced)",
+            (Part("benchmarks.fidelity", "Fidelity study (reduced)"),)),
     Section("e", "load", "(e) Whole-model 4-bit load: ours vs transformers + bitsandbytes",
             (Part("benchmarks.bench_load", "Load a Llama-shaped model, 16-bit and bnb 4-bit checkpoints"),)),
 )

@@ -38,7 +38,7 @@ __all__ = ["LoRAConfig", "ALL_LINEAR", "INITS", "QUANT_TYPES", "COMPUTE_DTYPES"]
 
 ALL_LINEAR = "all-linear"
 INITS = ("kaiming", "gaussian")
-QUANT_TYPES = ("nf4", "fp4")  # what bitsandbytes' format (our interchange format) can store
+QUANT_TYPES = ("nf4", "fp4", "int4")  # int4 (uniform) is ours only: bitsandbytes cannot store it, saving refuses it
 COMPUTE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -64,7 +64,7 @@ class QuantizedLinear(nn.Module):
             is returned in the input's dtype, as bitsandbytes' Linear4bit does.
 
     Raises:
-        ValueError: a weight that is not 2-D, a quant_type bitsandbytes cannot store, a bias
+        ValueError: a weight that is not 2-D, an unknown quant_type, a bias
             of the wrong shape, or a compute_dtype that is not float32 / float16 / bfloat16 / None.
     """
 
@@ -73,8 +73,8 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         qt = weight if isinstance(weight, nf4.QuantizedTensor) else \
             self._quantize(weight, quant_type, blocksize, double_quant)
-        if qt.quant_type not in BNB_QUANT_TYPES:
-            raise ValueError(f"the quantized weight must be nf4 or fp4, got {qt.quant_type!r}")
+        if qt.quant_type not in nf4.codebooks.QUANT_TYPES:
+            raise ValueError(f"the quantized weight must be one of {nf4.codebooks.QUANT_TYPES}, got {qt.quant_type!r}")
         if len(qt.shape) != 2:
             raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(qt.shape)}")
         n, k = qt.shape
@@ -93,8 +93,8 @@ class QuantizedLinear(nn.Module):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D tensor [out, in] or a QuantizedTensor, got "
                              f"{getattr(weight, 'shape', type(weight).__name__)}")
-        if quant_type not in BNB_QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {BNB_QUANT_TYPES}, got {quant_type!r}")
+        if quant_type not in nf4.codebooks.QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {nf4.codebooks.QUANT_TYPES}, got {quant_type!r}")
         return nf4.quantize(weight.detach(), quant_type, blocksize, double_quant,
                             chunk_elements=QUANTIZE_CHUNK_ELEMENTS)
 
@@ -162,6 +162,10 @@ class QuantizedLinear(nn.Module):
         return super()._apply(keep_quantized, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.quant_type not in BNB_QUANT_TYPES:
+            raise ValueError(f"{prefix.rstrip('.') or type(self).__name__}: a {self.quant_type!r} base cannot be "
+                             f"saved: the state_dict layout is bitsandbytes', which stores only {BNB_QUANT_TYPES} "
+                             f"(save the adapters with lora.save_adapter instead)")
         super()._save_to_state_dict(destination, prefix, keep_vars)  # bias (and lora_A, lora_B)
         for key, t in self.quantized_weight.to_bnb_state_dict(prefix + "weight").items():
             destination[key] = t

@@ -310,5 +310,5 @@ def test_constructor_errors_name_the_value():
         lora.QLoRALinear(torch.randn(8, 64), torch.randn(3))
     with pytest.raises(ValueError, match="r must be a positive int, got 0"):
         lora.LoRALinear(torch.randn(8, 64), r=0)
-    with pytest.raises(ValueError, match="must be nf4 or fp4, got 'int4'"):
-        lora.QLoRALinear(nf4.quantize(torch.randn(8, 64), "int4"))
+    with pytest.raises(ValueError, match=r"quant_type must be one of \('nf4', 'fp4', 'int4'\), got 'int8'"):
+        lora.QLoRALinear(torch.randn(8, 64), quant_type="int8")
