@@ -14,7 +14,8 @@ Shapes. On CUDA the full sweep: W = 4096x4096 and 14336x4096 (N x K, Llama-3-8B'
 up projections), M = 512 ... 16384 tokens, r in {8, 16, 64}, bf16 activations. On CPU the shapes
 are REDUCED (1024x1024 and 3584x1024, M in {128, 512}) so the sweep ends in about a minute; the
 CPU runs the plain-PyTorch path of ``kernels`` (never the Triton interpreter, which is a test
-vehicle, not a runtime), which computes in float32 (DESIGN.md) even for bf16 activations.
+vehicle, not a runtime): float32 GEMMs for float32 activations, bf16 GEMMs with float32
+accumulation for bf16 ones (``QLORA_CPU_BF16_GEMM=0``: float32, as DESIGN.md's reference).
 
 Memory. CUDA: ``torch.cuda.max_memory_allocated`` (exact tensor bytes). CPU: the kernel's RSS
 high-water mark (``lora.PeakMemory``) with glibc's mmap threshold pinned at 64 KiB, so every
@@ -241,7 +242,7 @@ def to_markdown(rows: list[dict], summary: dict, meta: dict) -> str:
              f"kernels backend: {meta['kernels_backend']}."]
     if meta["reduced_shapes"]:
         lines.append("**CPU: reduced shapes** (the full 4096x4096 / 14336x4096 sweep runs on CUDA). "
-                     "The CPU path computes in float32 even for bf16 activations.")
+                     "bf16 activations; the CPU path multiplies them in bf16 with float32 accumulation.")
     if "peft_bnb" not in meta["providers"]:
         lines.append("peft / bitsandbytes not installed: no peft_bnb column.")
     peft_cols = "peft_bnb" in meta["providers"]
