@@ -97,9 +97,6 @@ def nf4_linear(
     if not use_triton(x):
         return reference.linear_forward(x, _dense_w(state, n, k, blocksize, x.dtype), lora_s, lora_B, scale, bias)
     M = x.shape[0]
-    if 0 < M <= GEMV_MAX_M and n and forced_regime() == "auto" and gemv_kind(M, k, blocksize, x.dtype):
-        # decode: straight to the streaming GEMV (choose_regime's answer, without its call overhead)
-        return gemv_launch(x, state, n, k, blocksize, lora_s, lora_B, scale, bias, x.dtype)
     regime = choose_regime(M, forward=True, K=k, N=n, blocksize=blocksize, dtype=x.dtype)
     if M == 0 or n == 0:
         return x.new_empty((M, n))
