@@ -24,13 +24,12 @@ import gc
 import json
 import os
 import platform
-import statistics
 import time
 import warnings
 
 import torch
 
-from .timing import bnb_available, median_time
+from .timing import bnb_available, interleaved, median_time
 
 # (tensors, elements per tensor): total parameters 10M..1B on CUDA, small on CPU
 CUDA_SWEEP = [(10, 1 << 20), (25, 4 << 20), (250, 4 << 20)]
@@ -124,14 +123,9 @@ def _measure_interleaved(providers, params, reps: int) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - one failing provider must not sink the table
             rows[name]["error"] = f"{type(e).__name__}: {e}"
             opts.pop(name, None)
-    samples = {name: [] for name in opts}
-    for _ in range(reps):
-        for name, opt in opts.items():
-            t0 = time.perf_counter()
-            opt.step()
-            samples[name].append(time.perf_counter() - t0)
-    for name, v in samples.items():
-        rows[name].update(step_s=statistics.median(v), step_min_s=min(v), step_max_s=max(v))
+    stats = interleaved({name: opt.step for name, opt in opts.items()}, reps, warmup=0)  # warmed up above
+    for name, (med, lo, hi) in stats.items():
+        rows[name].update(step_s=med, step_min_s=lo, step_max_s=hi)
     opts.clear()
     gc.collect()
     return list(rows.values())

