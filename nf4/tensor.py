@@ -16,11 +16,11 @@ computed in float32 and cast once to the output dtype.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from . import _cpu_decode
 from .blockwise import (
     block_absmax,
     check_blocksize,
@@ -181,9 +181,10 @@ class QuantizedTensor:
         vals = dequantize_blockwise_8bit(self.absmax, self.nested_absmax, self.nested_code, self.nested_blocksize)
         return vals + self.offset  # a second, separate float32 rounding, as bitsandbytes does
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The reference dequantization: a tensor of ``shape`` in ``dtype`` (default: original)."""
-        return dequantize(self, dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference dequantization: a tensor of ``shape`` in ``dtype`` (default: original),
+        written into ``out`` when given (see ``nf4.dequantize``)."""
+        return dequantize(self, dtype, out=out)
 
     def to_bnb_state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
         """The tensors bitsandbytes + transformers write for a Linear4bit weight."""
@@ -348,80 +349,56 @@ def _decode_blocks(packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tens
     return (vals * absmax[:, None]).to(dtype).view(-1)
 
 
-_COMPILED: dict[str, object] = {}
-_COMPILE_MIN_ELEMENTS = 1 << 17  # below this the one-off compile costs more than it saves
-
-
-def _decode_blocks_by_table(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bs: int,
-                            dtype: torch.dtype) -> torch.Tensor:
-    """``_decode_blocks`` for the compiled CPU path: each block's 16 possible values
-    ``(code * absmax[b]).to(dtype)`` are computed once (the same single float32 rounding and
-    cast), then every nibble picks its value from its block's table. Measured ~10% faster than
-    the per-element multiply and cast (2026-12-02, 4096x4096 and 4096x14336 bf16)."""
-    table = (code[None, :] * absmax[:, None]).to(dtype)  # [nb, 16]
-    p = packed.view(-1, bs // 2).long()
-    return torch.stack((torch.gather(table, 1, p >> 4), torch.gather(table, 1, p & 15)), dim=2).view(-1)
-
-
-def _fast_decode():
-    """``_decode_blocks_by_table`` through torch.compile on CPU (fused C++), or None.
-
-    The compiled graph is the same float32 arithmetic, bit-identical (tested); a failure to
-    compile falls back to eager for good. ``NF4_COMPILE=0`` turns it off.
-    """
-    if "fn" not in _COMPILED:
-        fn = None
-        if os.environ.get("NF4_COMPILE", "1") != "0":
-            try:
-                # static shapes: inductor vectorizes them ~2.7x better than dynamic ones here
-                # (22 vs 60 ms for 4096x4096 bf16); a model has few distinct weight shapes
-                fn = torch.compile(_decode_blocks_by_table, dynamic=False)
-            except Exception:  # noqa: BLE001 - no compiler toolchain: stay eager
-                fn = None
-        _COMPILED["fn"] = fn
-    return _COMPILED["fn"]
-
-
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
     byte = torch.arange(256, device=code.device)
     return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()
 
 
+def _decode_chunks(packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, bs: int, out: torch.Tensor,
+                   chunk_elements: int) -> None:
+    """The eager path: ``out`` ([whole blocks]) decoded ``chunk_elements`` at a time."""
+    full = out.numel()
+    step = max(bs, chunk_elements - chunk_elements % bs)
+    for start in range(0, full, step):
+        stop = min(full, start + step)
+        out[start:stop] = _decode_blocks(packed[start // 2 : stop // 2], absmax[start // bs : stop // bs],
+                                         pairs, bs, out.dtype)
+
+
+def _check_out(out: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != dtype or out.device != device or out.numel() != n or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {n} elements on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}"
+                         f"{'' if out.is_contiguous() else ' (not contiguous)'}")
+    return out.view(-1)
+
+
 def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, numel: int, blocksize: int,
-                  dtype: torch.dtype, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+                  dtype: torch.dtype, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """The dequantization arithmetic on raw state: ``[numel]`` in ``dtype``.
 
     packed: ``[(numel + 1) // 2]`` uint8 (any shape, read flat); absmax: ``[nblocks]`` float32
     (already decoded when double-quantized); code: float32[16]. Each value is
     ``code[q] * absmax[i // blocksize]`` rounded once in float32, then cast once to ``dtype``
-    (float64 is allowed as an output, for gradient checks: the cast is exact).
+    (float64 is allowed as an output, for gradient checks: the cast is exact). ``out``: a
+    contiguous tensor of ``numel`` elements in ``dtype`` to write into (returned flat).
     """
     out_dtypes = FLOAT_DTYPES + (torch.float64,)
     if dtype not in out_dtypes:
         raise ValueError(f"dtype must be one of {out_dtypes}, got {dtype}")
     n, bs, device = numel, blocksize, packed.device
+    out = _cpu_decode.empty(n, dtype, device) if out is None else _check_out(out, n, dtype, device)
     if n == 0:
-        return torch.empty(0, dtype=dtype, device=device)
+        return out
     pairs = _pair_table(code)
     packed = packed.reshape(-1)
     full = n - n % bs
     nfull = full // bs
-    fast = _fast_decode() if (device.type == "cpu" and full >= _COMPILE_MIN_ELEMENTS) else None
-    if fast is not None and not torch.compiler.is_compiling():
-        try:
-            body = fast(packed[: full // 2], absmax[:nfull], code.to(torch.float32), bs, dtype)
-            if full == n:
-                return body
-            tail = pairs[packed[full // 2 :].long()].view(-1)[: n - full]
-            return torch.cat([body, (tail * absmax[nfull]).to(dtype)])
-        except Exception:  # noqa: BLE001 - compiler failure at run time: eager from now on
-            _COMPILED["fn"] = None
-    out = torch.empty(n, dtype=dtype, device=device)
-    step = max(bs, chunk_elements - chunk_elements % bs)
-    for start in range(0, full, step):
-        stop = min(full, start + step)
-        out[start:stop] = _decode_blocks(packed[start // 2 : stop // 2], absmax[start // bs : stop // bs],
-                                         pairs, bs, dtype)
+    if not (full and _cpu_decode.decode_full_blocks(packed[: full // 2], absmax[:nfull], code, bs, out[:full])):
+        _decode_chunks(packed, absmax, pairs, bs, out[:full], chunk_elements)
     if full < n:  # the partial last block: decode its (padded) bytes, keep n - full values
         tail = pairs[packed[full // 2 :].long()].view(-1)[: n - full]
         out[full:] = (tail * absmax[nfull]).to(dtype)
@@ -429,16 +406,22 @@ def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
 
 
 def dequantize(
-    qt: QuantizedTensor, dtype: torch.dtype | None = None, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    qt: QuantizedTensor, dtype: torch.dtype | None = None, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference dequantization: ``code[q] * absmax[block]`` in float32, cast once to ``dtype``.
 
-    Returns a contiguous tensor of ``qt.shape`` on ``qt.device``. Large CPU tensors go through
-    a compiled copy of the same arithmetic; otherwise whole blocks are decoded in chunks.
+    Returns a contiguous tensor of ``qt.shape`` on ``qt.device`` (``out``, reshaped, when given:
+    contiguous, ``qt.numel`` elements of ``dtype`` on ``qt.device``). On CPU, whole blocks go
+    through a compiled copy of the same arithmetic (``nf4._cpu_decode``, bit-identical) into an
+    output from its cache of large buffers; otherwise they are decoded in chunks.
+
+    Raises:
+        ValueError: ``dtype`` is not a float type, or ``out`` does not fit.
     """
     dtype = qt.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     flat = decode_packed(qt.data, qt.dequantize_absmax(), qt.code, qt.numel, qt.blocksize, dtype,
-                         chunk_elements=chunk_elements)
+                         chunk_elements=chunk_elements, out=out)
     return flat.view(qt.shape)

@@ -7,6 +7,7 @@ import kernels
 import lora
 import nf4
 from kernels import qlora as Q
+from nf4 import _cpu_decode as D
 from nf4 import tensor as T
 
 
@@ -62,30 +63,124 @@ def test_the_keep_rule_bounds_the_extra_memory_by_the_saved_input(monkeypatch):
         layer(torch.randn(48, 64, requires_grad=True))
 
 
+def _eager(monkeypatch):
+    monkeypatch.setattr(D, "MIN_ELEMENTS", 1 << 40)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("double_quant, quant_type", [(True, "nf4"), (False, "nf4"), (True, "fp4")])
-def test_compiled_dequantize_equals_eager_on_odd_sizes(dtype, double_quant, quant_type, monkeypatch):
-    monkeypatch.setattr(T, "_COMPILE_MIN_ELEMENTS", 1 << 12)
-    w = torch.randn(129, 67) * 0.05  # 8643 elements: a partial last block, an odd byte
-    w.view(-1)[:64] = 0  # an all-zero block
-    qt = nf4.quantize(w.to(dtype), quant_type, double_quant=double_quant)
+@pytest.mark.parametrize("double_quant, quant_type", [(True, "nf4"), (False, "nf4"), (True, "fp4"), (True, "int4")])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_compiled_dequantize_equals_eager_on_odd_sizes(dtype, double_quant, quant_type, blocksize, monkeypatch):
+    monkeypatch.setattr(D, "MIN_ELEMENTS", 1 << 10)
+    g = torch.Generator().manual_seed(blocksize)
+    w = torch.randn(129, 67, generator=g) * 0.05  # 8643 elements: a partial last block, an odd byte
+    w.view(-1)[:blocksize] = 0  # an all-zero block
+    w.view(-1)[blocksize: 2 * blocksize] = torch.linspace(-1, 1, blocksize)  # every code appears
+    qt = nf4.quantize(w.to(dtype), quant_type, blocksize=blocksize, double_quant=double_quant)
     fast = nf4.dequantize(qt)
-    assert T._fast_decode() is not None
-    monkeypatch.setattr(T, "_COMPILE_MIN_ELEMENTS", 1 << 40)
+    assert D.compiled_rows() is not None
+    _eager(monkeypatch)
     assert torch.equal(_bits(fast), _bits(nf4.dequantize(qt)))
+
+
+def test_compiled_decode_reads_packed_codes_at_any_storage_offset(monkeypatch):
+    """The int64 view of the codes needs 8-byte alignment: an odd offset into a larger buffer
+    (a safetensors file, a slice) is copied first, and float64 outputs (gradient checks) work."""
+    monkeypatch.setattr(D, "MIN_ELEMENTS", 1 << 10)
+    qt = nf4.quantize(torch.randn(64, 128))
+    buf = torch.zeros(qt.data.numel() + 3, dtype=torch.uint8)
+    buf[3:] = qt.data.view(-1)
+    shifted = buf[3:]
+    assert shifted.storage_offset() % 8
+    absmax = qt.dequantize_absmax()
+    got = T.decode_packed(shifted, absmax, qt.code, qt.numel, 64, torch.float64)
+    _eager(monkeypatch)
+    assert torch.equal(got, T.decode_packed(qt.data, absmax, qt.code, qt.numel, 64, torch.float64))
 
 
 def test_dequantize_compile_failure_falls_back_to_eager(monkeypatch):
     def broken(*args):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(T, "_COMPILE_MIN_ELEMENTS", 1 << 12)
-    monkeypatch.setitem(T._COMPILED, "fn", broken)
+    monkeypatch.setattr(D, "MIN_ELEMENTS", 1 << 10)
+    monkeypatch.setitem(D._COMPILED, "fn", broken)
     qt = nf4.quantize(torch.randn(100, 90))
     got = nf4.dequantize(qt)
-    assert T._COMPILED["fn"] is None  # given up for good
-    monkeypatch.setattr(T, "_COMPILE_MIN_ELEMENTS", 1 << 40)
+    assert D._COMPILED["fn"] is None  # given up for good
+    _eager(monkeypatch)
     assert torch.equal(got, nf4.dequantize(qt))
+
+
+@pytest.fixture
+def small_cache(monkeypatch):
+    """Outputs from 64 KiB up come from a fresh output cache of 1 MiB."""
+    monkeypatch.setattr(D, "CACHE_MIN_BYTES", 1 << 16)
+    monkeypatch.setattr(D, "_CACHE", D._OutputCache())
+    monkeypatch.setenv("NF4_DECODE_CACHE_MB", "1")
+    return D._CACHE
+
+
+def test_a_cached_output_is_reused_only_once_no_tensor_refers_to_it(small_cache):
+    qt = nf4.quantize(torch.randn(256, 256))  # 256 KiB of float32
+    first = nf4.dequantize(qt)
+    ptr = first.data_ptr()
+    view = first.t()[3:]  # a view keeps the buffer alive
+    del first
+    second = nf4.dequantize(qt)
+    assert second.data_ptr() != ptr and view.data_ptr() != second.data_ptr()
+    assert torch.equal(view, second.t()[3:])
+    second.mul_(2)  # writing one output never shows in another
+    assert not torch.equal(view, second.t()[3:])
+    del view
+    assert nf4.dequantize(qt).data_ptr() == ptr  # free again: recycled
+    assert len(small_cache.regions) == 2
+
+
+def test_the_output_cache_tracks_at_most_its_limit_and_can_be_turned_off(small_cache, monkeypatch):
+    qts = [nf4.quantize(torch.randn(256, 256 + 64 * i)) for i in range(6)]
+    outs = [nf4.dequantize(q) for q in qts]  # all alive: 256..576 KiB each, more than 1 MiB in all
+    assert sum(len(r) for r in small_cache.regions) <= 1 << 20
+    assert all(torch.equal(o, nf4.dequantize(q)) for o, q in zip(outs, qts))
+    big = nf4.quantize(torch.randn(1024, 512))  # 2 MiB: over the limit, never cached
+    assert nf4.dequantize(big).untyped_storage().resizable()
+    D.release_cache()
+    assert small_cache.regions == []
+    monkeypatch.setenv("NF4_DECODE_CACHE_MB", "0")
+    assert nf4.dequantize(qts[0]).untyped_storage().resizable()  # the ordinary allocator
+    monkeypatch.setenv("NF4_DECODE_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="lots"):
+        nf4.dequantize(qts[0])
+
+
+def test_cached_outputs_behave_like_any_tensor(small_cache):
+    import io
+    import pickle
+
+    qt = nf4.quantize(torch.randn(256, 512).to(torch.bfloat16))
+    got = nf4.dequantize(qt)
+    assert not got.untyped_storage().resizable()  # it is a cached mapping
+    buf = io.BytesIO()
+    torch.save(got, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=True), got)
+    assert torch.equal(pickle.loads(pickle.dumps(got)), got)
+    assert torch.equal(got.float().bfloat16(), got) and got.requires_grad_().is_leaf
+
+
+def test_dequantize_into_out():
+    qt = nf4.quantize(torch.randn(96, 130).to(torch.float16))
+    want = nf4.dequantize(qt)
+    out = torch.empty(96, 130, dtype=torch.float16)
+    assert nf4.dequantize(qt, out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, want)
+    flat = torch.empty(96 * 130)  # any contiguous tensor of the right size and dtype
+    got = qt.dequantize(torch.float32, out=flat)
+    assert got.shape == (96, 130) and got.data_ptr() == flat.data_ptr()
+    assert torch.equal(got, nf4.dequantize(qt, torch.float32))
+    for bad in (torch.empty(96, 130), torch.empty(96, 131, dtype=torch.float16),
+                torch.empty(130, 96, dtype=torch.float16).t()):
+        with pytest.raises(ValueError, match="out must be"):
+            nf4.dequantize(qt, out=bad)
 
 
 def test_bf16_layer_on_cpu_multiplies_in_bf16_within_its_rounding_bound(monkeypatch):
