@@ -73,17 +73,28 @@ def compiled_rows():
     return _COMPILED["fn"]
 
 
+def _plain_eager(*tensors: torch.Tensor) -> bool:
+    """True outside any tracing: no torch.compile / export trace, no dispatch mode (FakeTensorMode,
+    functionalization, ...), plain CPU tensors. Anything else takes the eager path, which every
+    tracer understands (the compiled kernel would run on fake tensors' missing memory)."""
+    return (not torch.compiler.is_compiling()
+            and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+            and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors))
+
+
 def decode_full_blocks(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                       out: torch.Tensor) -> bool:
+                       out: torch.Tensor) -> bool | Exception:
     """Decode whole blocks into ``out`` ([nb * blocksize], contiguous) with the compiled loop.
 
-    packed: [nb * blocksize / 2] uint8; absmax: [nb] float32 (decoded). Returns False, having
-    written nothing, when the fast path does not apply (small or odd blocks, not CPU, inside a
-    torch.compile trace, compiler unavailable); a compiler failure disables it for good.
+    packed: [nb * blocksize / 2] uint8; absmax: [nb] float32 (decoded). Returns True when done;
+    False, having written nothing, when the fast path does not apply (small or odd blocks, not a
+    plain CPU call, compiler unavailable); the exception, when the compiled call raised (the caller
+    decodes eagerly and, if that succeeds, calls ``disable``: a compiler failure, not bad input).
     """
     n = out.numel()
-    fn = compiled_rows() if (blocksize % ROW == 0 and n >= MIN_ELEMENTS and out.device.type == "cpu"
-                             and not torch.compiler.is_compiling()) else None
+    if blocksize % ROW or n < MIN_ELEMENTS or not _plain_eager(packed, absmax, code, out):
+        return False
+    fn = compiled_rows()
     if fn is None:
         return False
     if packed.storage_offset() % 8:
@@ -94,13 +105,28 @@ def decode_full_blocks(packed: torch.Tensor, absmax: torch.Tensor, code: torch.T
     for t in (words, rows):  # one graph for every size and blocksize
         torch._dynamo.maybe_mark_dynamic(t, 0)
         torch._dynamo.maybe_mark_dynamic(t, 1)
+    absmax = absmax.contiguous()
     torch._dynamo.maybe_mark_dynamic(absmax, 0)
+    code = code.to(torch.float32).contiguous()
     try:
-        fn(words, absmax, code.to(torch.float32), rows)
-    except Exception:  # noqa: BLE001 - compiler failure at run time: eager from now on
-        _COMPILED["fn"] = None
-        return False
+        # Guards: the output dtype, inference mode and the leading sizes' 0/1 specialisation, so a
+        # handful of graphs; past the limit dynamo raises (not: runs the select tree eagerly, ~1 s)
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
+                                                         fail_on_recompile_limit_hit=True):
+            fn(words, absmax, code, rows)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        return False  # one graph too many for this call: eager, the compiled graphs stay in use
+    except Exception as e:  # noqa: BLE001 - the caller decides: bad input or a broken compiler
+        return e
     return True
+
+
+def disable() -> None:
+    """Stop using the compiled decoder in this process (it failed where the eager path worked)."""
+    _COMPILED["fn"] = None
+
+
+_RECOMPILE_LIMIT = 16
 
 
 CACHE_MIN_BYTES = 8 << 20  # smaller outputs are recycled by glibc's heap already
@@ -161,7 +187,7 @@ def empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A ``[n]`` tensor for a decode output (uninitialised); on CPU from ``CACHE_MIN_BYTES`` up,
     a recycled mapping from the output cache when one of this size is free."""
     nbytes = n * dtype.itemsize
-    if device.type == "cpu" and nbytes >= CACHE_MIN_BYTES:
+    if device.type == "cpu" and nbytes >= CACHE_MIN_BYTES and _plain_eager():
         limit = _cache_limit()
         region = _CACHE.take(nbytes, limit) if limit else None
         if region is not None:

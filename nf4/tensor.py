@@ -372,6 +372,10 @@ def _check_out(out: torch.Tensor, n: int, dtype: torch.dtype, device: torch.devi
         raise ValueError(f"out must be a contiguous {dtype} tensor of {n} elements on {device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}"
                          f"{'' if out.is_contiguous() else ' (not contiguous)'}")
+    if out.requires_grad:
+        raise ValueError("out must not require grad (dequantize writes it in place)")
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError("out is an inference tensor: it can be written only inside torch.inference_mode()")
     return out.view(-1)
 
 
@@ -397,8 +401,11 @@ def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
     packed = packed.reshape(-1)
     full = n - n % bs
     nfull = full // bs
-    if not (full and _cpu_decode.decode_full_blocks(packed[: full // 2], absmax[:nfull], code, bs, out[:full])):
+    done = full and _cpu_decode.decode_full_blocks(packed[: full // 2], absmax[:nfull], code, bs, out[:full])
+    if done is not True:
         _decode_chunks(packed, absmax, pairs, bs, out[:full], chunk_elements)
+        if isinstance(done, Exception):  # the eager path worked where the compiled one raised
+            _cpu_decode.disable()
     if full < n:  # the partial last block: decode its (padded) bytes, keep n - full values
         tail = pairs[packed[full // 2 :].long()].view(-1)[: n - full]
         out[full:] = (tail * absmax[nfull]).to(dtype)

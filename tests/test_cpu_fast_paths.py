@@ -167,6 +167,36 @@ def test_cached_outputs_behave_like_any_tensor(small_cache):
     assert torch.equal(got.float().bfloat16(), got) and got.requires_grad_().is_leaf
 
 
+def test_dequantize_under_tracers_takes_the_eager_path(small_cache, monkeypatch):
+    """FakeTensorMode (the compiled kernel would read fake tensors' missing memory), a
+    ``torch.compile(fullgraph=True)`` trace (no mmap or lock to trace) and inference mode."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    monkeypatch.setattr(D, "MIN_ELEMENTS", 1 << 10)
+    qt = nf4.quantize(torch.randn(256, 512))  # a 512 KiB output: cached outside a trace
+    want = nf4.dequantize(qt)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = nf4.dequantize(qt)
+    assert isinstance(fake, FakeTensor) and fake.shape == (256, 512)
+    x = torch.randn(3, 512)
+    f = torch.compile(lambda x: x @ nf4.dequantize(qt).t(), fullgraph=True)
+    assert torch.allclose(f(x), x @ want.t(), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        assert torch.equal(nf4.dequantize(qt), want)
+    assert D.compiled_rows() is not None
+
+
+def test_past_the_recompile_limit_a_call_is_eager_and_the_graphs_stay(monkeypatch):
+    monkeypatch.setattr(D, "MIN_ELEMENTS", 1 << 10)
+    monkeypatch.setattr(D, "_RECOMPILE_LIMIT", 1)
+    qt = nf4.quantize(torch.randn(64, 96))
+    got = {dt: nf4.dequantize(qt, dt) for dt in (torch.float32, torch.float16, torch.bfloat16)}
+    assert D.compiled_rows() is not None  # a graph limit is not a compiler failure
+    _eager(monkeypatch)
+    for dt, v in got.items():
+        assert torch.equal(_bits(v), _bits(nf4.dequantize(qt, dt)))
+
+
 def test_dequantize_into_out():
     qt = nf4.quantize(torch.randn(96, 130).to(torch.float16))
     want = nf4.dequantize(qt)
@@ -181,6 +211,14 @@ def test_dequantize_into_out():
                 torch.empty(130, 96, dtype=torch.float16).t()):
         with pytest.raises(ValueError, match="out must be"):
             nf4.dequantize(qt, out=bad)
+    with pytest.raises(ValueError, match="require grad"):
+        nf4.dequantize(qt, out=torch.empty(96, 130, dtype=torch.float16, requires_grad=True))
+    with torch.inference_mode():
+        frozen = torch.empty(96, 130, dtype=torch.float16)
+    with pytest.raises(ValueError, match="inference tensor"):
+        nf4.dequantize(qt, out=frozen)
+    with torch.inference_mode():
+        assert torch.equal(nf4.dequantize(qt, out=frozen), want)
 
 
 def test_bf16_layer_on_cpu_multiplies_in_bf16_within_its_rounding_bound(monkeypatch):

@@ -37,3 +37,20 @@ def test_bench_providers_compute_the_same_thing():
     for name, gs in grads.items():
         for a, b in zip(gs, grads["ours"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bench_quantize_warm_child_times_both_decoders_like_for_like():
+    """The like-for-like dequantize figure: a child process whose glibc keeps freed memory times
+    our decode (output cache off) and bitsandbytes', interleaved."""
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    from benchmarks import bench_quantize
+
+    res = bench_quantize._warm((128, 512), reps=3)
+    for key in ("ours", "bnb"):
+        assert 0 < res[f"{key}_min_s"] <= res[f"{key}_s"] <= res[f"{key}_max_s"], key
+    row = {"shape": [128, 512], "reps": 3, "ours_dequantize_warm_s": res["ours_s"],
+           "bnb_dequantize_warm_s": res["bnb_s"], "dequantize_warm_speedup": res["bnb_s"] / res["ours_s"]}
+    md = bench_quantize._markdown([row], {"device": "cpu", "threads": 1, "bitsandbytes": True, "interleaved": True})
+    assert "| 128x512 |" in md and "Like for like" in md
