@@ -23,7 +23,9 @@ dequantizes its large weights every step pays those faults every step. Large out
 therefore come from a small cache of anonymous mappings, reused once no tensor refers to them
 any more (the same idea as PyTorch's CUDA caching allocator). It tracks at most
 ``NF4_DECODE_CACHE_MB`` (default 256) MiB; beyond that the oldest mappings are forgotten and
-freed with their last tensor; ``0`` turns it off, ``release_cache()`` empties it.
+freed with their last tensor; ``0`` turns it off, ``release_cache()`` empties it. Such a
+tensor's storage is not resizable (``resize_`` to a larger size raises); tracing (``torch.compile``,
+FakeTensorMode) always takes ``torch.empty``.
 """
 
 from __future__ import annotations
