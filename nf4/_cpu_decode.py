@@ -13,7 +13,8 @@ per-block table decoder ran at ~0.6x bitsandbytes), so here
   the word is a per-row scalar, so every load and store of the loop is contiguous;
 - the 16-entry lookup is a binary tree of selects on the nibble's four bits (15 blends per
   vector of 16 lanes), exact for any codebook;
-- one compile serves every tensor size: the row dimension is dynamic (measured 4.3 ms for
+- one compile serves every size and blocksize (both leading dimensions are dynamic; dynamo
+  still specialises on the output dtype and inference mode) (measured 4.3 ms for
   4096x4096 bf16 into a warm buffer, against 3.6 ms for a static shape, 2026-12-02).
 
 ``empty`` allocates the output. First touching a fresh tensor costs one page fault per 4 KiB
