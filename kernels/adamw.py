@@ -356,7 +356,7 @@ def _cpu_fast(p, g, m, v, sc, ma, va, cpu_scalars: list) -> bool:
     """The compiled CPU loop (``kernels.adamw_cpu``) for one large contiguous CPU tensor; the
     partial last 8-bit block goes through the reference. False: the caller runs the reference."""
     n = p.numel()
-    if (p.device.type != "cpu" or n < adamw_cpu.MIN_NUMEL or not adamw_cpu.enabled()
+    if (n < adamw_cpu.MIN_NUMEL or not adamw_cpu.enabled(p, g, m, v)
             or not all(t.is_contiguous() for t in (p, g, m, v))):
         return False
     if not cpu_scalars:

@@ -26,9 +26,9 @@ parameters, 32- and 8-bit state). Used for contiguous CPU tensors of at least
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from nf4._compiled import compiled, plain_eager
 
 __all__ = ["MIN_NUMEL", "enabled", "scalars_tensor", "bin_table", "step32", "step8"]
 
@@ -37,8 +37,10 @@ _BLOCK = 256  # 8-bit state block (kernels.adamw.STATE_BLOCKSIZE)
 _FNS: dict[str, object] = {}
 
 
-def enabled() -> bool:
-    return os.environ.get("NF4_COMPILE", "1") != "0" and not torch.compiler.is_compiling()
+def enabled(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled loop may run on these tensors (``nf4._compiled``: not while tracing,
+    plain CPU tensors; ``NF4_COMPILE=0`` is checked where the loop is fetched)."""
+    return plain_eager(*tensors)
 
 
 def scalars_tensor(sc) -> torch.Tensor:
@@ -111,17 +113,8 @@ def _step8_body(p, g, mc, vc, ma, va, s, qmap_m, first_m, mids_m, qmap_v, first_
     _requant(vf, vc, va, first_v, mids_v)
 
 
-def _compiled(name: str, body):
-    if name not in _FNS:
-        try:
-            _FNS[name] = torch.compile(body, dynamic=True)
-        except Exception:  # noqa: BLE001 - no compiler toolchain: the reference it is
-            _FNS[name] = None
-    return _FNS[name]
-
-
 def _run(name: str, body, *args) -> bool:
-    fn = _compiled(name, body)
+    fn = compiled(_FNS, name, body, dynamic=True)
     if fn is None:
         return False
     try:

@@ -38,6 +38,8 @@ import threading
 
 import torch
 
+from ._compiled import compiled, plain_eager
+
 ROW = 16  # outputs per int64 word of packed codes
 MIN_ELEMENTS = 1 << 14  # below this the call overhead of the compiled loop is not worth it
 
@@ -63,26 +65,8 @@ def _decode_rows(words: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, 
 
 
 def compiled_rows():
-    """``_decode_rows`` through torch.compile, or None (``NF4_COMPILE=0``, no toolchain, or a
-    failure earlier in this process)."""
-    if "fn" not in _COMPILED:
-        fn = None
-        if os.environ.get("NF4_COMPILE", "1") != "0" and sys.byteorder == "little":
-            try:
-                fn = torch.compile(_decode_rows, dynamic=False)
-            except Exception:  # noqa: BLE001 - no compiler toolchain: stay eager
-                fn = None
-        _COMPILED["fn"] = fn
-    return _COMPILED["fn"]
-
-
-def _plain_eager(*tensors: torch.Tensor) -> bool:
-    """True outside any tracing: no torch.compile / export trace, no dispatch mode (FakeTensorMode,
-    functionalization, ...), plain CPU tensors. Anything else takes the eager path, which every
-    tracer understands (the compiled kernel would run on fake tensors' missing memory)."""
-    return (not torch.compiler.is_compiling()
-            and torch.utils._python_dispatch._get_current_dispatch_mode() is None
-            and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors))
+    """``_decode_rows`` through torch.compile, or None (``nf4._compiled``; little-endian only)."""
+    return compiled(_COMPILED, "fn", _decode_rows, dynamic=False) if sys.byteorder == "little" else None
 
 
 def decode_full_blocks(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
@@ -95,7 +79,7 @@ def decode_full_blocks(packed: torch.Tensor, absmax: torch.Tensor, code: torch.T
     decodes eagerly and, if that succeeds, calls ``disable``: a compiler failure, not bad input).
     """
     n = out.numel()
-    if blocksize % ROW or n < MIN_ELEMENTS or not _plain_eager(packed, absmax, code, out):
+    if blocksize % ROW or n < MIN_ELEMENTS or not plain_eager(packed, absmax, code, out):
         return False
     fn = compiled_rows()
     if fn is None:
@@ -190,7 +174,7 @@ def empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A ``[n]`` tensor for a decode output (uninitialised); on CPU from ``CACHE_MIN_BYTES`` up,
     a recycled mapping from the output cache when one of this size is free."""
     nbytes = n * dtype.itemsize
-    if device.type == "cpu" and nbytes >= CACHE_MIN_BYTES and _plain_eager():
+    if device.type == "cpu" and nbytes >= CACHE_MIN_BYTES and plain_eager():
         limit = _cache_limit()
         region = _CACHE.take(nbytes, limit) if limit else None
         if region is not None:

@@ -21,9 +21,10 @@ where z lies within 1.5e-5 of a midpoint (about 0.1% of absmax codes); the absma
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from ._compiled import compiled, plain_eager
 
 __all__ = [
     "BLOCKSIZES",
@@ -105,21 +106,13 @@ _COUNTERS: dict[tuple[float, ...], object] = {}
 
 def _counter(mids_key: tuple[float, ...]):
     """``x -> #(mids < x)`` as uint8 through torch.compile (CPU), or None when unavailable."""
-    if mids_key not in _COUNTERS:
-        fn = None
-        if os.environ.get("NF4_COMPILE", "1") != "0":
-            def count(x: torch.Tensor) -> torch.Tensor:
-                idx = torch.zeros_like(x, dtype=torch.int32)
-                for m in mids_key:  # constants baked into one fused, vectorized loop
-                    idx = idx + (x > m).to(torch.int32)
-                return idx.to(torch.uint8)
+    def count(x: torch.Tensor) -> torch.Tensor:
+        idx = torch.zeros_like(x, dtype=torch.int32)
+        for m in mids_key:  # constants baked into one fused, vectorized loop
+            idx = idx + (x > m).to(torch.int32)
+        return idx.to(torch.uint8)
 
-            try:
-                fn = torch.compile(count, dynamic=False)
-            except Exception:  # noqa: BLE001 - no compiler toolchain: bucketize it is
-                fn = None
-        _COUNTERS[mids_key] = fn
-    return _COUNTERS[mids_key]
+    return compiled(_COUNTERS, mids_key, count, dynamic=False)
 
 
 def _count_below(scaled: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
@@ -127,7 +120,7 @@ def _count_below(scaled: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
     n = flat.numel()
     full = n - n % _PIECE
     fn = None
-    if scaled.device.type == "cpu" and full and not torch.compiler.is_compiling():
+    if full and plain_eager(scaled):
         fn = _counter(tuple(mids.tolist()))
     if fn is None:
         return torch.bucketize(scaled, mids, out_int32=True).to(torch.uint8)

@@ -242,3 +242,17 @@ def test_bf16_layer_on_cpu_multiplies_in_bf16_within_its_rounding_bound(monkeypa
             y = layer(x)
         assert y.dtype == torch.bfloat16
         assert ((y.double() - want).abs() <= 4 * 2.0 ** -8 * mag + 1e-6).all(), flag
+
+
+def test_compiled_fast_paths_stay_off_while_tracing():
+    """One guard (``nf4._compiled.plain_eager``) for every compiled CPU path: the code search,
+    dequantize and AdamW (which segfaulted under FakeTensorMode before it shared the guard)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nf4._compiled import plain_eager
+
+    p = torch.nn.Parameter(torch.randn(4))
+    assert plain_eager(p, torch.zeros(3))
+    assert not plain_eager(torch.zeros(3, device="meta"))
+    with FakeTensorMode():
+        assert not plain_eager(p)
