@@ -397,11 +397,11 @@ def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
     out = _cpu_decode.empty(n, dtype, device) if out is None else _check_out(out, n, dtype, device)
     if n == 0:
         return out
-    pairs = _pair_table(code)
     packed = packed.reshape(-1)
     full = n - n % bs
     nfull = full // bs
     done = full and _cpu_decode.decode_full_blocks(packed[: full // 2], absmax[:nfull], code, bs, out[:full])
+    pairs = _pair_table(code) if (done is not True or full < n) else None  # the eager paths' table
     if done is not True:
         _decode_chunks(packed, absmax, pairs, bs, out[:full], chunk_elements)
         if isinstance(done, Exception):  # the eager path worked where the compiled one raised
