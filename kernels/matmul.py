@@ -70,10 +70,6 @@ def _dense(state, n, k, blocksize, dtype):
     return dequantize_launch(*state, n * k, blocksize, dtype).view(n, k)
 
 
-def _dense_w(state, n, k, blocksize, dtype):
-    return reference.dequantize_packed(*state, n * k, blocksize, reference.gemm_dtype(dtype)).view(n, k)
-
-
 def nf4_linear(
     x: torch.Tensor,
     data: torch.Tensor,
@@ -95,7 +91,8 @@ def nf4_linear(
     than the whole decode-size launch)."""
     state = (data, absmax, code, nested_absmax, nested_code, offset)
     if not use_triton(x):
-        return reference.linear_forward(x, _dense_w(state, n, k, blocksize, x.dtype), lora_s, lora_B, scale, bias)
+        return reference.linear_forward(x, reference.dense_weight(state, n, k, blocksize, x.dtype), lora_s, lora_B, scale,
+                                        bias)
     M = x.shape[0]
     regime = choose_regime(M, forward=True, K=k, N=n, blocksize=blocksize, dtype=x.dtype)
     if M == 0 or n == 0:
@@ -172,8 +169,8 @@ def nf4_linear_dx_op(
     state = (data, absmax, code, nested_absmax, nested_code, offset)
     dropout = seed is not None and p > 0 and lora_g is not None
     if not use_triton(dy):
-        keep = reference.dropout_keep_mask(seed, (dy.shape[0], k), p, dy.device) if dropout else None
-        return reference.linear_dx(dy, _dense_w(state, n, k, blocksize, dy.dtype), lora_g, lora_A, scale, keep, p)
+        return reference.linear_dx_seeded(dy, reference.dense_weight(state, n, k, blocksize, dy.dtype), lora_g, lora_A,
+                                          scale, seed, p)
     M = dy.shape[0]
     if M == 0 or k == 0:
         return dy.new_empty((M, k))

@@ -54,8 +54,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         dense = None
         if keep_dense_for_backward(x2, n, k, ctx.needs_input_grad[0]):
             # CPU, eager: dequantize once per step, shared by forward and backward (rule above)
-            dense = reference.dequantize_packed(data, absmax, code, nabs, ncode, offset, n * k, blocksize,
-                                                reference.gemm_dtype(x2.dtype)).view(n, k)
+            dense = reference.dense_weight((data, absmax, code, nabs, ncode, offset), n, k, blocksize, x2.dtype)
             y = reference.linear_forward(x2, dense, s, lora_B, scale, bias)
         else:
             y = nf4_linear_op(x2, data, absmax, code, nabs, ncode, offset, n, k, blocksize, s, lora_B, scale, bias)
@@ -73,9 +72,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         dx = dA = dB = dbias = None
         g = dy @ lora_B if lora_A is not None and (need_x or need_A) else None  # [M, r], shared
         if need_x and dense is not None:
-            keep = reference.dropout_keep_mask(seed, (dy.shape[0], ctx.k), p, dy.device) if p > 0 and g is not None \
-                else None
-            dx = reference.linear_dx(dy.contiguous(), dense, g, lora_A, scale, keep, p)
+            dx = reference.linear_dx_seeded(dy.contiguous(), dense, g, lora_A, scale, seed, p)
         elif need_x:
             dx = nf4_linear_dx_op(dy, data, absmax, code, nabs, ncode, offset, ctx.n, ctx.k, ctx.blocksize,
                                   g, lora_A, scale, seed, p)

@@ -34,6 +34,8 @@ __all__ = [
     "compute_dtype",
     "gemm_dtype",
     "dequantize_packed",
+    "dense_weight",
+    "linear_dx_seeded",
     "dropout_bits",
     "dropout_threshold",
     "dropout_keep_mask",
@@ -93,6 +95,12 @@ def dequantize_packed(
     if nested_absmax is not None:
         absmax = dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, NESTED_BLOCKSIZE) + offset
     return decode_packed(data, absmax, code, numel, blocksize, dtype)
+
+
+def dense_weight(state: tuple, n: int, k: int, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized ``W: [n, k]`` in ``gemm_dtype(dtype)`` for the runtime GEMMs of activations
+    of ``dtype``; ``state`` = ``(data, absmax, code, nested_absmax, nested_code, offset)``."""
+    return dequantize_packed(*state, n * k, blocksize, gemm_dtype(dtype)).view(n, k)
 
 
 # ---- dropout -----------------------------------------------------------------------------
@@ -194,6 +202,15 @@ def linear_dx(
 
 
 # ---- the whole QLoRA linear, from scratch (the spec for the autograd path) ----------------
+def linear_dx_seeded(dy, w, g_lora, lora_A, scale, seed, p) -> torch.Tensor:
+    """``linear_dx`` with the LoRA dropout's keep mask regenerated from ``seed`` (when ``p > 0``
+    and there is a LoRA term): index ``m * K + k`` of ``[M, K]``, as the fused kernels do."""
+    keep = None
+    if seed is not None and p > 0 and g_lora is not None:
+        keep = dropout_keep_mask(seed, (dy.shape[0], w.shape[1]), p, dy.device)
+    return linear_dx(dy, w, g_lora, lora_A, scale, keep, p)
+
+
 def qlora_forward(x, w, lora_A, lora_B, scale, bias=None, keep=None, p=0.0):
     """``y = x Wᵀ + s (x_hat Aᵀ) Bᵀ + bias`` for ``x: [M, K]``, all in float32."""
     ct = compute_dtype(x.dtype)
