@@ -6,7 +6,7 @@ all-MiniLM-L6-v2 (``benchmarks.encoder``), split by module.
 1. Zero-shot: every Linear of the encoder quantized with our ``nf4`` and dequantized to fp32 for
    the forward (only the storage format differs): NF4 / FP4 / INT4, each with and without double
    quantization at blocksize 64, and NF4+DQ at blocksizes 32 / 128 / 256; the fp32 model is the
-   reference. Per row: bits/param, recall@1 (95% paired bootstrap CI), recall@10, MRR, and the
+   reference. Per row: bits/param, recall@1 (95% bootstrap CI, the same resampled queries for every row), recall@10, MRR, and the
    cosine of every embedding to its fp32 embedding (mean, 5th percentile).
 2. Fine-tune (``benchmarks.finetune``): contrastive LoRA / QLoRA arms, several seeds each.
 

@@ -79,7 +79,7 @@ def markdown(res: dict, committed: Path | None = None) -> str:
                 f"{p['train']} train pairs ({p['train_modules']} modules), {p['test']} test pairs from "
                 f"{p['test_modules']} other modules. Measured {res['date']}, {res['wall_s']:.0f} s.")
     lines = [" ".join(head), "", "Zero-shot: every Linear quantized with our `nf4`, dequantized to fp32 for the "
-             "forward. Recall@1 CI: 95% paired bootstrap over queries "
+             "forward. Recall@1 CI: 95% bootstrap over queries, the same resamples for every row "
              f"({res['config']['resamples']} resamples). Cosine: each test embedding to its fp32 embedding.", ""]
     lines += zero_shot_table(res["zero_shot"])
     if res.get("finetune"):
