@@ -31,11 +31,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import zlib
+
+from .timing import json_child
 
 SIZES = {  # LlamaConfig fields
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -147,11 +148,7 @@ def _child_load(provider: str, scenario: str, folder: str, threads: int) -> dict
 
 
 def _run_child(args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_load", "--child", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json_child(["-m", "benchmarks.bench_load", "--child", *args], timeout=CHILD_TIMEOUT_S)
 
 
 # ---- the measurement ---------------------------------------------------------------------------------

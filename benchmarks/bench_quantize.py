@@ -20,15 +20,13 @@ import datetime
 import json
 import os
 import platform
-import subprocess
-import sys
 from contextlib import contextmanager
 
 import torch
 
 import nf4
 
-from .timing import bench_cli, bnb_available, interleaved, median_time
+from .timing import bench_cli, bnb_available, interleaved, json_child, median_time
 
 SHAPES = [(4096, 4096), (4096, 14336)]
 
@@ -56,11 +54,12 @@ def _cold(qt):
         return qt.dequantize()
 
 
-WARM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+# glibc keeps freed memory (read at start-up: a child process); our output cache off
+WARM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 34), "NF4_DECODE_CACHE_MB": "0"}
 
 
 def _warm_child(n: int, k: int, reps: int) -> None:
-    """In a process started with ``WARM_ENV``: our cold dequantize and bitsandbytes', interleaved;
+    """In a process started with ``WARM_ENV``: our dequantize and bitsandbytes', interleaved;
     prints ``{"ours_s", "bnb_s", ...}`` (medians, min, max) as JSON on its last line."""
     import bitsandbytes.functional as bnbf
 
@@ -68,20 +67,15 @@ def _warm_child(n: int, k: int, reps: int) -> None:
     w = (torch.randn((n, k), generator=g) * 0.02).to(torch.bfloat16)
     qt = nf4.quantize(w)
     q, s = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    res = interleaved({"ours": lambda: _cold(qt), "bnb": lambda: bnbf.dequantize_4bit(q, s)}, reps)
+    res = interleaved({"ours": lambda: qt.dequantize(), "bnb": lambda: bnbf.dequantize_4bit(q, s)}, reps)
     print(json.dumps({f"{key}{suffix}": v for key, vals in res.items()
                       for suffix, v in zip(("_s", "_min_s", "_max_s"), vals)}))
 
 
 def _warm(shape: tuple[int, int], reps: int) -> dict:
-    """``_warm_child`` in a fresh process (glibc reads its malloc settings at start-up)."""
+    """``_warm_child`` in a fresh process with ``WARM_ENV``."""
     code = f"from benchmarks.bench_quantize import _warm_child; _warm_child({shape[0]}, {shape[1]}, {reps})"
-    env = {**os.environ, **WARM_ENV}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if r.returncode != 0:
-        raise RuntimeError(f"the warm-memory child failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return json_child(["-c", code], env=WARM_ENV)
 
 
 def run(quick: bool = False, device: str = "cpu") -> dict:
@@ -121,23 +115,21 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         else:
             for k, (med, lo, hi) in interleaved(fns, reps).items():
                 row[f"{k}_s"], row[f"{k}_min_s"], row[f"{k}_max_s"] = med, lo, hi
+        if have_bnb and dev.type == "cpu":
+            warm = _warm(shape, reps)
+            for suffix in ("_s", "_min_s", "_max_s"):
+                row[f"ours_dequantize_warm{suffix}"] = warm[f"ours{suffix}"]
+                row[f"bnb_dequantize_warm{suffix}"] = warm[f"bnb{suffix}"]
         # (ours, bnb) per ratio: bitsandbytes has one dequantize, so "cold" is compared with it too
         pairs = {"quantize": ("quantize", "quantize"), "dequantize": ("dequantize", "dequantize"),
-                 "dequantize_cold": ("dequantize_cold", "dequantize")}
+                 "dequantize_cold": ("dequantize_cold", "dequantize"),
+                 "dequantize_warm": ("dequantize_warm", "dequantize_warm")}
         for k, (ours, bnb) in pairs.items():
             if f"bnb_{bnb}_s" in row and f"ours_{ours}_s" in row:
                 row[f"{k}_speedup"] = row[f"bnb_{bnb}_s"] / row[f"ours_{ours}_s"]
                 if f"bnb_{bnb}_min_s" in row:
                     row[f"{k}_speedup_range"] = [row[f"bnb_{bnb}_min_s"] / row[f"ours_{ours}_max_s"],
                                                  row[f"bnb_{bnb}_max_s"] / row[f"ours_{ours}_min_s"]]
-        if have_bnb and dev.type == "cpu":
-            warm = _warm(shape, reps)
-            for suffix in ("_s", "_min_s", "_max_s"):
-                row[f"ours_dequantize_warm{suffix}"] = warm[f"ours{suffix}"]
-                row[f"bnb_dequantize_warm{suffix}"] = warm[f"bnb{suffix}"]
-            row["dequantize_warm_speedup"] = warm["bnb_s"] / warm["ours_s"]
-            row["dequantize_warm_speedup_range"] = [warm["bnb_min_s"] / warm["ours_max_s"],
-                                                    warm["bnb_max_s"] / warm["ours_min_s"]]
         for k in ("quantize", "dequantize", "dequantize_cold", "dequantize_into"):
             if f"ours_{k}_s" in row:
                 row[f"ours_{k}_GBps"] = _bytes_moved(n) / row[f"ours_{k}_s"] / 1e9

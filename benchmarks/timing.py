@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -70,3 +74,19 @@ def bench_cli(doc: str, run, json_name: str, argv: list[str] | None = None, afte
             json.dump({"rows": res["rows"], "meta": res["meta"]}, f, indent=2)
         if after is not None:
             after(res, a.out)
+
+
+def json_child(args: list[str], *, env: dict | None = None, timeout: float = 900) -> dict:
+    """Run ``python args...`` from the repository root in a fresh process (a clean allocator, its
+    own environment) and return the JSON object on the last line of its stdout.
+
+    Raises:
+        RuntimeError: the child failed (its exit status and the tail of its stderr).
+    """
+    cmd = [sys.executable, *args]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root,
+                         env=None if env is None else {**os.environ, **env})
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
