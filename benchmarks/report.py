@@ -53,6 +53,7 @@ SECTIONS = (
         Part("benchmarks.bench_quantize", "Quantize / dequantize"),
         Part("benchmarks.bench_matmul", "NF4 matmul (kernels)"),
         Part("benchmarks.bench_lora", "QLoRA layer forward + backward"),
+        Part("benchmarks.minilm_step", "Whole-model QLoRA step on CPU (all-MiniLM-L6-v2)"),
         Part("benchmarks.bench_optim", "Paged AdamW"),
         Part("benchmarks.recorded", "Recorded GPU results (committed)", recorded=True),
     ), "Tables marked 'measured now' ran in this invocation on the device named; 'recorded' results "

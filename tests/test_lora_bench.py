@@ -11,7 +11,6 @@ bench = pytest.importorskip("benchmarks.bench_lora")
 
 def test_tiny_sweep_rows_ratios_and_markdown(monkeypatch):
     monkeypatch.setattr(bench, "CPU_QUICK", dict(shapes=[(96, 64)], tokens=[8], ranks=[4, 8]))
-    monkeypatch.setattr(bench, "MINILM_STEP", False)  # the whole-model step has its own test
     threads = torch.get_num_threads()
     res = bench.run(quick=True, device="cpu")
     assert torch.get_num_threads() == threads  # restored
