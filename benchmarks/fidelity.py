@@ -31,6 +31,7 @@ import torch
 from .encoder import MAX_LEN, embed, fake_quantize_linears, load_minilm
 from .finetune import ARMS, FinetuneConfig, run_arm
 from .progress import log, progress
+from .report import environment
 from .retrieval_data import split_by_module, stdlib_pairs, subsample
 from .retrieval_metrics import cosine_rows, mean_ci, percentile, retrieval_scores
 
@@ -170,24 +171,14 @@ def run_study(cfg: StudyConfig) -> dict:
                       "train_modules": len({p.module for p in train}),
                       "test_modules": len({p.module for p in test_all})},
             "zero_shot": zero, "finetune": finetune_rows(runs) if runs else [],
-            "finetune_runs": [{k: v for k, v in r.items()} for r in runs],
-            "config": _config_dict(cfg), "environment": _environment(), "wall_s": time.perf_counter() - t0}
+            "finetune_runs": runs,
+            "config": _config_dict(cfg), "environment": environment(cfg.finetune.device), "wall_s": time.perf_counter() - t0}
 
 
 def _config_dict(cfg: StudyConfig) -> dict:
     d = asdict(cfg)
     d["zero_shot"] = [list(z) for z in cfg.zero_shot]
     return d
-
-
-def _environment() -> dict:
-    import platform
-
-    from .report import _version
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": _version("transformers"), "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
 
 
 def run(quick: bool, device: str, out_dir: str | Path | None = None) -> dict:

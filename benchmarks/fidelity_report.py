@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .report_util import pyplot
 
-def _label(row: dict) -> str:
+
+def format_label(row: dict) -> str:
+    """A zero-shot row's format: ``fp32 (reference)`` or e.g. ``NF4+DQ /64``."""
     if row["format"] == "fp32":
         return "fp32 (reference)"
     return f"{row['format'].upper()}{'+DQ' if row['double_quant'] else ''} /{row['blocksize']}"
@@ -16,7 +19,7 @@ def zero_shot_table(rows: list[dict]) -> list[str]:
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         lo, hi = r["recall_at_1_ci"]
-        lines.append(f"| {_label(r)} | {r['bits_per_param']:.3f} | {r['recall_at_1']:.3f} [{lo:.3f}, {hi:.3f}] | "
+        lines.append(f"| {format_label(r)} | {r['bits_per_param']:.3f} | {r['recall_at_1']:.3f} [{lo:.3f}, {hi:.3f}] | "
                      f"{r['recall_at_10']:.3f} | {r['mrr']:.3f} | {r['cos_mean']:.4f} | {r['cos_p5']:.4f} |")
     return lines
 
@@ -99,12 +102,8 @@ def markdown(res: dict, committed: Path | None = None) -> str:
 
 def plot(res: dict, path: str | Path) -> Path | None:
     """Two panels: recall@1 (with CI) and mean cosine to fp32 against bits/param; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     rows = [r for r in res["zero_shot"] if r["format"] != "fp32"]
     ref = next((r for r in res["zero_shot"] if r["format"] == "fp32"), None)
@@ -122,7 +121,7 @@ def plot(res: dict, path: str | Path) -> Path | None:
             else:
                 ax.plot(r["bits_per_param"], y, **kw)
                 ax.plot(r["bits_per_param"], r["cos_p5"], **{**kw, "markerfacecolor": "none"})
-            ax.annotate(_label(r), (r["bits_per_param"], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(format_label(r), (r["bits_per_param"], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if ref is not None and key == "recall_at_1":
             ax.axhline(ref[key], color="gray", linestyle="--", label=f"fp32 {ref[key]:.3f}")
             ax.axhspan(*ref["recall_at_1_ci"], color="gray", alpha=0.12)

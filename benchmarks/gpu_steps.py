@@ -175,7 +175,7 @@ def finetune(ctx: StepContext) -> dict:
     from dataclasses import replace
 
     from .fidelity import StudyConfig, run_study
-    from .fidelity_report import plot, verdicts
+    from .fidelity_report import format_label, plot, verdicts
     from .finetune import FinetuneConfig
 
     model = ctx.param("model", None) or str(minilm_model_dir())
@@ -186,9 +186,7 @@ def finetune(ctx: StepContext) -> dict:
         cfg = replace(cfg, arms=tuple(ctx.param("arms")))
     res = run_study(cfg)
     for r in res["zero_shot"]:
-        label = "fp32" if r["format"] == "fp32" else \
-            f"zero-shot {r['format']}{'+dq' if r['double_quant'] else ''}/{r['blocksize']}"
-        ctx.emit({"row": label, **{k: r[k] for k in ("bits_per_param", "recall_at_1", "mrr", "cos_mean")}})
+        ctx.emit({"row": f"zero-shot {format_label(r)}", **{k: r[k] for k in ("bits_per_param", "recall_at_1", "mrr", "cos_mean")}})
     for r in res["finetune"]:
         ctx.emit({"row": f"fine-tune {r['arm']} ({r['seeds']} seeds)", "recall_at_1_before": r["recall_at_1_before"],
                   "recall_at_1": r["recall_at_1_mean"], "mrr": r["mrr_mean"]})
