@@ -154,8 +154,8 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"
     sweep = (CUDA_QUICK if quick else CUDA_SWEEP) if on_gpu else (CPU_QUICK if quick else CPU_SWEEP)
-    timing = {} if on_gpu else {"warmup": 1, "reps": 3 if quick else 5}
-    timed = lambda fn: median_time(fn, dev, **timing)  # noqa: E731
+    reps = 3 if quick else 5  # CPU: interleaved repetitions (the GPU uses do_bench's own)
+    timed = lambda fn: median_time(fn, dev)  # noqa: E731
     rows = []
     for n_tensors, numel in sweep:
         if on_gpu:  # never ask for more (managed) memory than is free: params+grads+state <= 16 B/param
@@ -177,7 +177,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
                     group.append(row)
             else:
                 group = [{"params": n_tensors * numel, "tensors": n_tensors, **r}
-                         for r in _measure_interleaved(_providers(dev), params, timing["reps"])]
+                         for r in _measure_interleaved(_providers(dev), params, reps)]
         base_name = "torch AdamW fused" if on_gpu else "torch AdamW (default)"
         base = next((r.get("step_s") for r in group if r["provider"] == base_name), None)
         for r in group:

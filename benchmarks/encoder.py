@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .retrieval_metrics import retrieval_scores
+
 MAX_LEN = 64          # tokens per text (queries are one docstring paragraph, documents a signature)
 EMBED_BATCH = 64      # texts per forward when embedding
 
@@ -115,3 +117,10 @@ def fake_quantize_linears(model: nn.Module, quant_type: str, blocksize: int, dou
         params += m.weight.numel()
         bits += qt.bits_per_parameter() * m.weight.numel()
     return {"layers": len(layers), "params": params, "bits_per_param": bits / params}
+
+
+def evaluate(model: nn.Module, tok, pairs, max_len: int = MAX_LEN, resamples: int = 2000, seed: int = 0):
+    """``(scores, query_emb, doc_emb)`` of ``model`` on retrieval ``pairs`` (``retrieval_scores``)."""
+    q = embed(model, tok, [p.query for p in pairs], max_len)
+    d = embed(model, tok, [p.document for p in pairs], max_len)
+    return retrieval_scores(q, d, resamples, seed), q, d

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from .encoder import MAX_LEN, embed, fake_quantize_linears, load_minilm
+from .encoder import evaluate, fake_quantize_linears, load_minilm
 from .finetune import ARMS, FinetuneConfig, run_arm
 from .progress import log, progress
 from .report import environment
 from .retrieval_data import split_by_module, stdlib_pairs, subsample
-from .retrieval_metrics import cosine_rows, mean_ci, percentile, retrieval_scores
+from .retrieval_metrics import cosine_rows, mean_ci, percentile
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -82,13 +82,6 @@ def smoke_config(device: str = "cpu") -> StudyConfig:
     """``--quick``: a smoke run (a few pairs, two steps): the numbers mean nothing."""
     return StudyConfig(test_pairs=40, seeds=(0,), resamples=200, reduced=True,
                        zero_shot=ZERO_SHOT_ROWS[:3], finetune=FinetuneConfig(steps=2, batch=8, device=device))
-
-
-def evaluate(model, tok, pairs, max_len: int = MAX_LEN, resamples: int = 2000, seed: int = 0):
-    """``(scores, query_emb, doc_emb)`` of ``model`` on ``pairs`` (``retrieval_scores``)."""
-    q = embed(model, tok, [p.query for p in pairs], max_len)
-    d = embed(model, tok, [p.document for p in pairs], max_len)
-    return retrieval_scores(q, d, resamples, seed), q, d
 
 
 def zero_shot_row(fmt: str, double_quant: bool, blocksize: int | None, test, cfg: StudyConfig, ref=None) -> tuple:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .encoder import encode_texts, load_minilm
+from .encoder import encode_texts, evaluate, load_minilm
 from .progress import progress
 
 
@@ -142,7 +142,6 @@ def train(model: nn.Module, tok, pairs, cfg: FinetuneConfig, label: str = "finet
 def run_arm(arm: Arm, train_pairs, test_pairs, cfg: FinetuneConfig, model_dir=None, evaluate_before: bool = True,
             resamples: int = 1000) -> dict:
     """Fine-tune one arm with one seed; recall@1 / MRR on ``test_pairs`` before (optional) and after."""
-    from .fidelity import evaluate
 
     t0 = time.perf_counter()
     model, tok = build_arm_model(arm, cfg, model_dir)
