@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 
 import nf4
+from nf4 import _cpu_decode
 
 from .timing import bench_cli, bnb_available, interleaved, json_child, median_time
 
@@ -136,7 +137,8 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         rows.append(row)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "bitsandbytes": have_bnb,
-            "date": datetime.date.today().isoformat(), "interleaved": dev.type == "cpu"}
+            "date": datetime.date.today().isoformat(), "interleaved": dev.type == "cpu",
+            "decode_cache_mb": _cpu_decode.cache_limit() / 2**20 if dev.type == "cpu" else None}
     return {"rows": rows, "markdown": _markdown(rows, meta), "meta": meta}
 
 
@@ -170,9 +172,13 @@ def _markdown(rows: list[dict], meta: dict) -> str:
                      f"{f('ours_dequantize_into')} | {f('ours_dequantize_warm')} / {f('bnb_dequantize_warm')} | "
                      f"{x('dequantize_warm_speedup')} | {r.get('identical_to_bnb', 'n/a')} / "
                      f"{r.get('dequantize_identical_to_bnb', 'n/a')} |")
-    lines.append("\n*Speed-up*: our default path, whose large outputs come from its output cache, against "
-                 "bitsandbytes' default path, which takes fresh memory every call; that is mostly a memory "
-                 "difference. Like for like: *cold*, our cache off (`NF4_DECODE_CACHE_MB=0`), both pay page "
+    cache_mb = meta.get("decode_cache_mb")
+    ours = ("our default path, whose large outputs come from its output cache (up to "
+            f"{cache_mb:g} MiB), against bitsandbytes' default path, which takes fresh memory every call; "
+            "that is mostly a memory difference" if cache_mb else
+            "our dequantize against bitsandbytes', both taking fresh memory every call (our output cache "
+            "is off in this run)" if cache_mb == 0 else "our dequantize against bitsandbytes'")
+    lines.append(f"\n*Speed-up*: {ours}. Like for like: *cold*, our cache off (`NF4_DECODE_CACHE_MB=0`), both pay page "
                  "faults every call; *warm*, a child process whose glibc keeps freed memory "
                  "(`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` raised), neither does: the decode "
                  "arithmetic alone. *Into `out=`*: our decode into a preallocated output (bitsandbytes "

@@ -159,7 +159,8 @@ def release_cache() -> None:
     _CACHE.clear()
 
 
-def _cache_limit() -> int:
+def cache_limit() -> int:
+    """Bytes the output cache may track (``NF4_DECODE_CACHE_MB``; 0: off)."""
     raw = os.environ.get(_CACHE_ENV, str(_DEFAULT_CACHE_MB))
     try:
         mb = float(raw)
@@ -175,7 +176,7 @@ def empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     a recycled mapping from the output cache when one of this size is free."""
     nbytes = n * dtype.itemsize
     if device.type == "cpu" and nbytes >= CACHE_MIN_BYTES and plain_eager():
-        limit = _cache_limit()
+        limit = cache_limit()
         region = _CACHE.take(nbytes, limit) if limit else None
         if region is not None:
             return torch.frombuffer(region, dtype=dtype)
