@@ -35,7 +35,9 @@ ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 def _lora_down(x2, lora_A, seed, p):
     x_hat = dropout_op(x2, seed, p) if p > 0 else x2
-    return x_hat, x_hat @ lora_A.t()
+    # F.linear is x_hat @ lora_A.t() (the same ATen matmul, the same bits) without building the
+    # transposed view in Python: 0.6 µs of the decode-size host cost (benchmarks.bench_overhead)
+    return x_hat, torch.nn.functional.linear(x_hat, lora_A)
 
 
 class QLoRALinearFunction(torch.autograd.Function):
