@@ -62,11 +62,12 @@ def _verdict(got: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor | None) -
 
 def check_decoders(device, emit=None):
     """The in-kernel asm decoders (warp-shuffle float32 levels; byte-permute bf16/fp16 levels times
-    absmax) against the plain Triton decoder's specification, bit for bit, for NF4, FP4 and INT4, on
-    every code in every nibble position plus 4,080 random words (``kernels._decode.probe``). The
-    kernels run the same comparison once per device before using the asm (``_decode.verified``)."""
+    absmax; the tc GEMV's shared pair table + byte permutes) against the plain Triton decoder, bit
+    for bit, for NF4, FP4 and INT4, on every code in every nibble position plus 4,080 random words
+    (``kernels._decode.probe``, ``kernels.gemv_tc.probe``). The kernels run the same comparison once
+    per device before using the asm (``_decode.verified``, ``gemv_tc.verified``)."""
     import nf4
-    from kernels import _decode
+    from kernels import _decode, gemv_tc
 
     out = _Rows(emit)
     g = torch.Generator(device="cpu").manual_seed(3)
@@ -84,6 +85,13 @@ def check_decoders(device, emit=None):
                 want = _decode.probe_expected(code, words, am, dec, dt)
                 out.append({"check": "decoder", "case": f"{dec} {name} {dt or 'float32'}",
                             **_verdict(got, want, None), "seconds": time.perf_counter() - t0})
+        if device.type == "cuda":  # the M = 1 tensor-core GEMV's shared-table + permute decode
+            for dt in (torch.bfloat16, torch.float16):
+                t0 = time.perf_counter()
+                got = gemv_tc.probe(device, code, words, "lds", dt)
+                want = gemv_tc.probe(device, code, words, "table", dt)
+                out.append({"check": "decoder", "case": f"lds {name} {dt}", **_verdict(got, want, None),
+                            "seconds": time.perf_counter() - t0})
     return out
 
 

@@ -1,10 +1,17 @@
 """Decode regime (M <= ``GEMV_MAX_M`` rows), forward orientation ``y = x Wᵀ``: GEMVs that stream
 the packed weight once, with 128-bit loads, and reduce split-K inside the launch.
 
-Two kernels, both for K and the blocksize multiples of 64 (every 64-code group of a row lies in
+Three kernels, all for K and the blocksize multiples of 64 (every 64-code group of a row lies in
 one absmax block; ``gemv_kind`` says which problems qualify):
 
-``_gemv_fma_kernel`` (M = 1) — x-stationary, row-streaming, float32 FMA::
+``_gemv_tc_kernel`` (M = 1, bf16/fp16; ``kernels.gemv_tc``) — x-stationary, row-streaming, the
+decoded weight as a tensor-core MMA's register operand (rows and k relabelled so that no data
+moves), codes decoded by a pair table in shared memory (``kernels._lut``), the float32 absmax
+applied after the MMA. It is ``tools/perf_model.py``'s fastest M = 1 kernel, and the only one within
+the issue's 3.5 instructions a weight.
+
+``_gemv_fma_kernel`` (M = 1, float32 x; bf16/fp16 when a FMA decoder is forced, or when the tc
+kernel's decode fails its GPU self-check) — x-stationary, row-streaming, float32 FMA::
 
     grid = (k-slices, row groups); program (s, g) owns k in [s KS, (s+1) KS), KS = 64 TK
     xs = float32(x[k-slice])                           # converted once, kept in registers
@@ -33,7 +40,9 @@ stores the output and resets the counter to 0 for the next call (so the counters
 once per device and the launch is CUDA-graph capturable: no host sync, no per-call variable
 allocation beyond the workspace of a fixed size).
 
-DECODE (``kernels._decode``): 'table' (plain Triton, the interpreter and the reference), 'shfl'
+DECODE (``kernels._decode``, ``kernels._lut``): 'table' (plain Triton, the interpreter and the
+reference), 'lds' (tc kernel on the GPU: three words in four from the shared pair table, the fourth by
+byte permutes; 'lds_table' is its CPU test), 'shfl'
 (FMA kernel on the GPU for float32 x: warp shuffles give exact float32 levels), 'hybrid' (FMA kernel,
 bf16/fp16 x: three words of every four by shuffle, the fourth by byte permutes on fp16 levels; the
 shuffles' MIO path bounds the exact decoder and the permutes' ALU work bounds the other, and 3:1
@@ -56,15 +65,20 @@ from ._decode import (decode8_mixed, decode8_prmt_f32, decode8_prmt_scaled, deco
                       load_planes, planes, verified)
 from ._launch import cdiv, device_guard, next_pow2
 from ._tl import cast_out, lora_bias_epilogue, manual_bf16, tl_dtype
+from ._lut import lut_source
 from .dispatch import interpreting
+from .gemv_tc import BLOCK_ROWS as TC_ROWS, SLICE as TC_SLICE, _gemv_tc_kernel
+from .gemv_tc import verified as tc_verified
 
 __all__ = ["GEMV_MAX_M", "gemv_kind", "gemv_launch", "gemv_config", "force_decoder", "DECODERS"]
 
 GEMV_MAX_M = 16  # tensor-core tiles pad M to 16; above that the GEMM regimes take over
 GROUP = 64  # codes per thread group / per MMA step: the kernels need K and blocksize multiples of it
-DECODERS = ("auto", "table", "shfl", "mixed", "hybrid", "hybrid_table", "prmt")
+DECODERS = ("auto", "table", "shfl", "mixed", "hybrid", "hybrid_table", "prmt", "lds", "lds_table")
+FMA_DECODERS = ("shfl", "mixed", "hybrid", "hybrid_table")  # forcing one runs M = 1 on the FMA kernel
 
 _state = threading.local()
+TC_PER_SM = 4  # tc programs per SM the row grouping aims at
 
 
 @contextlib.contextmanager
@@ -88,7 +102,9 @@ def gemv_kind(M: int, K: int, blocksize: int, dtype: torch.dtype) -> str | None:
     Every LLM projection (K = 4096, 14336, ..., blocksize 64) qualifies."""
     if M < 1 or K % GROUP or blocksize % GROUP or K % blocksize or M > GEMV_MAX_M:
         return None
-    if M == 1 and dtype in (torch.bfloat16, torch.float16, torch.float32):
+    if M == 1 and dtype in (torch.bfloat16, torch.float16):
+        return "tc"
+    if M == 1 and dtype == torch.float32:
         return "fma"
     if dtype in (torch.bfloat16, torch.float16):
         return "mma"
@@ -346,7 +362,14 @@ def gemv_config(kind: str, M: int, N: int, K: int, device: torch.device) -> dict
 
 def _make_config(kind: str, M: int, N: int, K: int, gpu: bool) -> dict:
     cpu = not gpu
-    decode = "table" if cpu else ("shfl" if kind == "fma" else "prmt")
+    decode = "table" if cpu else {"fma": "shfl", "tc": "lds"}.get(kind, "prmt")
+    if kind == "tc":
+        slices = cdiv(K, TC_SLICE)
+        if cpu:
+            return dict(rows_per_cta=2 * TC_ROWS, SLICES=slices, DECODE=decode, num_warps=4)
+        groups = max(1, min(cdiv(N, TC_ROWS), TC_PER_SM * _SMS // slices))
+        rows = cdiv(cdiv(N, groups), TC_ROWS) * TC_ROWS
+        return dict(rows_per_cta=rows, SLICES=slices, DECODE=decode, num_warps=4, num_stages=1)
     if kind == "fma":
         if cpu:
             return dict(TK=2, BLOCK_N=8, rows_per_cta=16, SLICES=cdiv(K, 128), DECODE=decode, num_warps=1)
@@ -400,6 +423,8 @@ def _plan(M: int, n: int, k: int, blocksize: int, nested: bool, x_dtype, out_dty
     kind = gemv_kind(M, k, blocksize, x_dtype)
     if kind is None:
         return (None,) * 6
+    if kind == "tc" and decode in FMA_DECODERS:
+        kind = "fma"  # a decoder of the FMA kernel asked for (tests, or the tc decoder's fallback)
     cfg = dict(gemv_config(kind, M, n, k, torch.device("cuda" if gpu else "cpu")))
     if cfg["DECODE"] == "shfl" and x_dtype != torch.float32:
         # 3 words of 4 by shuffle, 1 by permutes (fp16 levels: finer than bf16/fp16 x's own rounding)
@@ -415,6 +440,13 @@ def _plan(M: int, n: int, k: int, blocksize: int, nested: bool, x_dtype, out_dty
         groups = cdiv(n, rows)
         meta.update(SPLIT_K=slices > 1, **cfg)
         return kind, (slices, groups), (rows, slices), meta, groups, slices * n if slices > 1 else 0
+    if kind == "tc":
+        slices, rows = cfg.pop("SLICES"), cfg.pop("rows_per_cta")
+        groups = cdiv(n, rows)
+        dot_dtype = torch.float32 if interp else x_dtype  # the interpreter's bf16 dot is wrong (NOTES §3)
+        meta.update(LEVEL_DTYPE=tl_dtype(x_dtype), DOT_DTYPE=tl_dtype(dot_dtype), IEEE=interp,
+                    PAIRED=blocksize == 64 and k % 128 == 0, GPU_STORE=not interp, **cfg)
+        return kind, (slices, groups), (rows, slices), meta, groups, slices * n
     split, k_per_split = cfg.pop("SPLIT"), cfg.pop("k_per_split")
     tiles = cdiv(n, cfg["BLOCK_N"])
     dot_dtype = torch.float32 if interp else x_dtype  # the interpreter's bf16 dot is wrong (NOTES §3)
@@ -442,6 +474,11 @@ def gemv_launch(x: torch.Tensor, state: tuple, n: int, k: int, blocksize: int, l
         decode)
     if kind is None:
         raise ValueError(f"no streaming GEMV for M={M}, K={k}, blocksize={blocksize}, {x.dtype}")
+    if kind == "tc" and gpu and decode is None and not tc_verified(dev, code, x.dtype):
+        # the FMA kernel's shuffle + permute decoder (its own self-check passed above)
+        kind, grid, (p1, p2), meta, counters, ws_floats = _plan(
+            M, n, k, blocksize, nabs is not None, x.dtype, out_dtype, rank, lora_s is not None, bias is not None, gpu,
+            "hybrid")
     out = torch.empty((M, n), dtype=out_dtype, device=dev)
     if n == 0:
         return out
@@ -454,12 +491,19 @@ def gemv_launch(x: torch.Tensor, state: tuple, n: int, k: int, blocksize: int, l
     bn, bj = b_t.stride()
     xm, xk = x.stride()
     dec = meta["DECODE"]
-    pl = planes(code, torch.float16 if kind == "fma" else x.dtype) if dec in ("mixed", "hybrid", "prmt") else count
+    if kind == "tc":
+        pl = lut_source(code, x.dtype) if dec == "lds" else count
+        if meta["PAIRED"] and absmax.data_ptr() % (2 * absmax.element_size()):
+            meta = {**meta, "PAIRED": False}  # a view at an odd block: no paired 16/64-bit absmax loads
+    else:
+        pl = planes(code, torch.float16 if kind == "fma" else x.dtype) if dec in ("mixed", "hybrid", "prmt") else count
     args = (x, data, absmax, code, absmax if nabs is None else nabs, code if ncode is None else ncode,
             code if offset is None else offset, pl, s_t, b_t, x if bias is None else bias, out, ws, count)
     with device_guard(x):
         if kind == "fma":
             _gemv_fma_kernel[grid](*args, n, k, rank, p1, xk, k // 8, 1, sj, bn, bj, float(scale), p2, **meta)
+        elif kind == "tc":
+            _gemv_tc_kernel[grid](*args, n, k, rank, p1, xk, k // 8, 1, sj, bn, bj, float(scale), p2, **meta)
         else:
             _gemv_mma_kernel[grid](*args, M, n, k, rank, p1, xm, xk, k // 8, n, 1, sm, sj, bn, bj, float(scale), p2,
                                    **meta)

@@ -43,8 +43,9 @@ def test_streaming_gemv_forward_and_gradients_match_reference(device, case, monk
 
 
 def test_which_problems_the_streaming_gemv_takes():
-    assert gemv.gemv_kind(1, 4096, 64, torch.bfloat16) == "fma"
-    assert gemv.gemv_kind(1, 4096, 64, torch.float32) == "fma"
+    assert gemv.gemv_kind(1, 4096, 64, torch.bfloat16) == "tc"  # tensor cores, shared pair table
+    assert gemv.gemv_kind(1, 4096, 64, torch.float16) == "tc"
+    assert gemv.gemv_kind(1, 4096, 64, torch.float32) == "fma"  # exact levels, float32 FMA
     assert gemv.gemv_kind(16, 14336, 64, torch.float16) == "mma"
     assert gemv.gemv_kind(17, 4096, 64, torch.bfloat16) is None  # above GEMV_MAX_M: GEMM regimes
     assert gemv.gemv_kind(4, 4096, 64, torch.float32) is None  # fp32 tensor cores would round (TF32)
@@ -83,6 +84,51 @@ def test_hybrid_word_split_and_rejoin_keep_every_weight_in_place(device, nested)
     with gemv.force_decoder("hybrid_table"):
         run_case(device, 1, 40, 256, 8, True, 0.0, 64, nested, "nf4", False, False, torch.bfloat16, regime="auto")
         run_case(device, 1, 33, 384, 0, False, 0.0, 128, nested, "fp4", True, True, torch.float16, regime="auto")
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_tc_word_split_and_rejoin_keep_every_weight_in_place(device, nested, monkeypatch):
+    """The GPU's 'lds' decoder of the M = 1 tensor-core GEMV splits each thread's 4-word groups 3:1
+    between the shared pair table and the byte permutes and joins them back; 'lds_table' runs that
+    split and re-join with the plain decoder, so a misplaced word would show against the reference.
+    Also covers blocksize 128 (both halves of a slice in one block) and K % 128 == 64 (a half slice)."""
+    if not kernels.dispatch.use_triton(torch.zeros(1, device=device)):
+        pytest.skip("reference backend")
+    seen = []
+    real = gemv._gemv_tc_kernel
+    monkeypatch.setattr(gemv, "_gemv_tc_kernel", _Spy(real, seen))
+    with gemv.force_decoder("lds_table"):
+        run_case(device, 1, 40, 256, 8, True, 0.0, 64, nested, "nf4", False, False, torch.bfloat16, regime="auto")
+        run_case(device, 1, 33, 384, 0, False, 0.0, 128, nested, "fp4", True, True, torch.float16, regime="auto")
+        run_case(device, 1, 70, 192, 4, True, 0.0, 64, nested, "nf4", False, True, torch.bfloat16, regime="auto")
+    assert seen and set(seen) == {"lds_table"}
+
+
+class _Spy:
+    """``kernel[grid](...)`` that records the DECODE it was launched with, then launches."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["DECODE"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_forcing_an_fma_decoder_runs_m1_half_precision_on_the_fma_kernel(device, monkeypatch):
+    if not kernels.dispatch.use_triton(torch.zeros(1, device=device)):
+        pytest.skip("reference backend")
+    seen = []
+    monkeypatch.setattr(gemv, "_gemv_fma_kernel", _Spy(gemv._gemv_fma_kernel, seen))
+    qt = nf4.quantize(torch.randn(24, 256, device=device), "nf4", 64, True)
+    x = torch.randn(1, 256, device=device).to(torch.bfloat16)
+    with gemv.force_decoder("hybrid_table"):
+        y = kernels.nf4_matmul(x, qt)
+    assert seen == ["hybrid_table"]
+    ref = x.float() @ nf4.dequantize(qt, torch.float32).t()
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
 
 
 def test_forced_table_decoder_and_bad_decoder_name(device):

@@ -80,11 +80,18 @@ def compile_cases():
                       f"{c[7]} {c[8]}", lambda c=c: linear(*c)))
     from kernels import _decode, gemv
 
-    for dec in ("shfl", "mixed", "table", "hybrid"):  # every M = 1 decoder, forced
-        def forced(dec=dec):
-            with gemv.force_decoder(dec):
-                linear(1, 256, 512, 16, True, 0.0, True, torch.bfloat16, "gemv")
-        cases.append((f"gemv M=1 decoder={dec}", forced))
+    from kernels import gemv_tc
+
+    for dec in ("shfl", "mixed", "table", "hybrid", "lds"):  # every M = 1 decoder, forced
+        for dt in (torch.bfloat16, torch.float16):
+            def forced(dec=dec, dt=dt):
+                with gemv.force_decoder(dec):
+                    linear(1, 256, 512, 16, True, 0.0, True, dt, "gemv")
+            cases.append((f"gemv M=1 decoder={dec} {dt}", forced))
+    for dec in gemv_tc.DECODERS:  # the tc kernel's decode, as its GPU self-check runs it
+        for dt in (torch.bfloat16, torch.float16):
+            cases.append((f"tc decode probe {dec} {dt}", lambda dec=dec, dt=dt: gemv_tc.probe(
+                torch.device("cpu"), e(16), e(1024, dtype=torch.int32), dec, dt)))
     for dec, dt in (("shfl", None), ("mixed", None), ("prmt_f32", None), ("table", None),
                     ("prmt", torch.bfloat16), ("prmt", torch.float16)):  # the GPU self-check's probe
         cases.append((f"decoder probe {dec} {dt}", lambda dec=dec, dt=dt: _decode.probe(

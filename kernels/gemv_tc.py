@@ -1,0 +1,316 @@
+"""The M = 1 GEMV for bf16/fp16 x on tensor cores: the decoded weight is the MMA's *register*
+operand, in the very registers the packed codes were loaded into, and the codes are decoded by a
+pair table in shared memory (``kernels._lut``). ``kernels.gemv`` dispatches it for M = 1 bf16/fp16
+(float32 x keeps the exact-level FMA kernel).
+
+Why it needs no repack. A Hopper MMA's register operand A ``[64 rows, 16 k]`` gives thread
+``(g, t) = (lane // 4, lane % 4)`` of warp ``w`` rows ``16 w + g`` and ``+ 8`` at k columns
+``2 t, 2 t + 1, 2 t + 8, 2 t + 9``. A 128-bit load of bitsandbytes' row-major codes gives a
+thread 32 *contiguous* codes of one row. A dot product does not care how its k terms (or its
+rows) are numbered, so the kernel numbers them the way the loads placed them. With ``[64, 16]``
+words loaded as lanes 8 x 4 with 4 words a thread and warps along rows (what Triton's coalescing
+picks), physical row ``pr = 32 i + 8 w + g`` is virtual row ``vr = 16 w + 8 i + g``, and physical
+code ``32 t + 8 j + e`` of the slice (word ``4 t + j``, element ``e = 4 e2 + 2 e1 + e0``) is
+virtual k ``32 j + 16 e2 + 8 e1 + 2 t + e0``. ``_to_virtual`` is that relabelling, a reshape and a
+permute. It moves no data when the layouts line up: ``tools/perf_model.py`` reads the SASS, and
+the HGMMA takes A from registers with no shared-memory staging. x is loaded once, in the same
+virtual k order. The relabelling is plain Triton semantics: the result never depends on it, only
+the speed does.
+
+One float32 absmax per 64-code block, applied after the MMA. A 128-code slice spans two blocks and
+one MMA sums over all of it, so x enters as two columns: column h holds x on half h of the slice
+and zeros on the other half. The accumulator's columns 0 and 1 hold the two blocks' partial sums,
+each scaled by its absmax. Levels are rounded to x's dtype (as bitsandbytes' kernels round them);
+the absmax and the products are not.
+
+Decode ('lds'): words 0-2 of every 4 from the shared pair table (1.5 instructions a code, one
+shared-memory wavefront per 64 codes a warp), word 3 by the byte permutes of ``kernels._decode``
+(2.6 ALU instructions a code, no memory traffic). 3:1 keeps the loop under both the issue and the
+shared-memory budget of an HBM-speed GEMV (predicted; ``benchmarks/results/perf_model.md``).
+'lds_table' runs the same split and re-join with the plain decoder (the CPU test of it); 'table'
+is the plain decoder (the interpreter, and the GPU's fallback).
+
+    grid = (k-slices, row groups); program (s, g) owns codes [128 s, 128 s + 128)
+    xv = x[slice] in virtual order, as 2 columns (+ 14 zero columns: an MMA is 16 wide)
+    fill the pair table (once a program)
+    for each 64 rows of its group:                            # the weight-streaming loop
+        d = level(words[rows, slice]) @ xv                    # [64, 16] float32, one MMA chain
+        ws[s, rows] = d[:, 0] absmax[rows, blk0] + d[:, 1] absmax[rows, blk1]
+    the last program of a row group sums ws over s (in order), adds LoRA and bias, stores
+
+On the CPU interpreter the same code runs with the plain decoder and float32 dots, the relabelling
+included, so the tests prove that the virtual orders of W and x agree.
+Layers: kernels -> ``gemv.gemv_launch``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._decode import decode8_prmt, decode8_table
+from ._lut import decode8_lds, lut_fill, lut_lane4
+from ._tl import cast_out
+
+DECODERS = ("table", "lds", "lds_table")
+
+BLOCK_ROWS = 64  # one warpgroup's MMA tile: 4 warps x 16 rows
+SLICE = 128  # codes of one k slice: 4 threads x 32 codes (one 128-bit load each)
+
+
+@triton.jit
+def _phys_k(vk):
+    """Physical code (within the slice) of virtual k ``vk = 32 j + 16 e2 + 8 e1 + 2 t + e0``."""
+    return 32 * ((vk >> 1) & 3) + 8 * (vk >> 5) + 4 * ((vk >> 4) & 1) + 2 * ((vk >> 3) & 1) + (vk & 1)
+
+
+@triton.jit
+def _phys_row(vr):
+    """Physical row (within the 64-row tile) of virtual row ``vr = 16 w + 8 i + g``."""
+    return 32 * ((vr >> 3) & 1) + 8 * (vr >> 4) + (vr & 7)
+
+
+@triton.jit
+def _to_virtual(v):
+    """``[64 pr, 16 words, 8 e]`` -> ``[64 vr, 128 vk]``: the relabelling of the module docstring."""
+    v = tl.reshape(v, (2, 4, 8, 4, 4, 2, 2, 2))  # pr = (i, w, g); word = (t, j); e = (e2, e1, e0)
+    v = tl.permute(v, (1, 0, 2, 4, 5, 6, 3, 7))  # vr = (w, i, g); vk = (j, e2, e1, t, e0)
+    return tl.reshape(v, (64, 128))
+
+
+@triton.jit
+def _absmax_pair(a_ptrs, ncode_ptr, nabs_ptr, blk, offset, row_ok, half1_ok, NESTED: tl.constexpr,
+                 PAIRED: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """The float32 absmax of the slice's two halves for each row: blocks ``blk`` and, for the
+    second half, ``blk + 1`` (PAIRED: blocksize 64, ``blk`` even, so one 16-bit / 64-bit load
+    reads both, and both lie in one group of 256 for the nested scale) or ``blk`` again."""
+    if PAIRED:
+        if NESTED:
+            q = tl.load(a_ptrs.to(tl.pointer_type(tl.int16)), mask=row_ok, other=0).to(tl.int32)
+            s2 = tl.load(nabs_ptr + (blk >> 8), mask=row_ok, other=0.0)
+            a0 = tl.load(ncode_ptr + (q & 255)) * s2 + offset
+            a1 = tl.load(ncode_ptr + ((q >> 8) & 255)) * s2 + offset
+        else:
+            v = tl.load(a_ptrs.to(tl.pointer_type(tl.int64)), mask=row_ok, other=0)
+            a0 = v.to(tl.int32).to(tl.float32, bitcast=True)
+            a1 = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        a0 = _absmax_one(a_ptrs, ncode_ptr, nabs_ptr, blk, offset, row_ok, NESTED)
+        if BLOCKSIZE == 64:  # K % 128 == 64: the halves' blocks are blk and blk + 1, unaligned
+            a1 = _absmax_one(a_ptrs + 1, ncode_ptr, nabs_ptr, blk + 1, offset, row_ok & half1_ok, NESTED)
+        else:  # a power-of-two block of >= 128 codes holds the whole 128-aligned slice
+            a1 = a0
+    return a0, tl.where(half1_ok, a1, 0.0)
+
+
+@triton.jit
+def _absmax_one(a_ptrs, ncode_ptr, nabs_ptr, blk, offset, mask, NESTED: tl.constexpr):
+    if NESTED:
+        q = tl.load(a_ptrs, mask=mask, other=0).to(tl.int32)
+        return tl.load(ncode_ptr + q) * tl.load(nabs_ptr + (blk >> 8), mask=mask, other=0.0) + offset
+    else:
+        return tl.load(a_ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_f32(ptrs, v, mask):
+    """``st.global.f32`` of every element where ``mask``, in ``v``'s own register layout (a
+    ``tl.store`` would first move the accumulator-layout values through shared memory into a
+    coalesced layout: two barriers and about 30 instructions a K step for a few floats)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.f32 [$1], $2; mov.b32 $0, 0; }",
+        "=r,l,f,r", [ptrs.to(tl.int64, bitcast=True), v, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _decode_words(wq, code_ptr, lane4, base, p0, p1, p2, p3, p4, p5, p6, p7, DECODE: tl.constexpr,
+                  LEVEL_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """``[64, 16]`` words -> ``[64, 16, 8]`` levels in LEVEL_DTYPE (element order within a word)."""
+    if DECODE == "table":
+        return cast_out(decode8_table(wq, code_ptr), LEVEL_DTYPE, MANUAL_BF16)
+    w4 = tl.reshape(wq, (64, 4, 2, 2))  # [pr, t, jh, jl]: word j = 2 jh + jl of thread group t
+    ev, od = tl.split(w4)
+    w0, w2 = tl.split(ev)
+    w1, w3 = tl.split(od)
+    if DECODE == "lds":
+        d0 = decode8_lds(w0, lane4, base, LEVEL_DTYPE)
+        d1 = decode8_lds(w1, lane4, base, LEVEL_DTYPE)
+        d2 = decode8_lds(w2, lane4, base, LEVEL_DTYPE)
+        d3 = decode8_prmt(w3, p0, p1, p2, p3, p4, p5, p6, p7, LEVEL_DTYPE)
+    else:  # 'lds_table': the same split and re-join, plain decoder (CPU)
+        d0 = cast_out(decode8_table(w0, code_ptr), LEVEL_DTYPE, MANUAL_BF16)
+        d1 = cast_out(decode8_table(w1, code_ptr), LEVEL_DTYPE, MANUAL_BF16)
+        d2 = cast_out(decode8_table(w2, code_ptr), LEVEL_DTYPE, MANUAL_BF16)
+        d3 = cast_out(decode8_table(w3, code_ptr), LEVEL_DTYPE, MANUAL_BF16)
+    j = tl.join(tl.join(d0, d1), tl.join(d2, d3))  # [pr, t, e, jl, jh]
+    return tl.reshape(tl.permute(j, (0, 1, 4, 3, 2)), (64, 16, 8))
+
+
+@triton.jit
+def _gemv_tc_kernel(
+    x_ptr, w_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr,  # x: [K]; W packed: [N, K/2] uint8
+    lut_ptr,  # int32 [512]: the pair table, then 32 copies of the byte planes (kernels._lut.lut_source)
+    s_ptr, b_ptr, bias_ptr,  # LoRA S: [1, RANK], B: [N, RANK]; bias: [N]
+    out_ptr, ws_ptr, count_ptr,  # out: [N] (stride_on); ws: >= [SLICES, N] float32; count: [row groups] int32
+    N, K, RANK, rows_per_cta,
+    stride_xk, stride_wn, stride_on,
+    stride_sj, stride_bn, stride_bj,
+    scale, SLICES,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DECODE: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LEVEL_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, PAIRED: tl.constexpr, GPU_STORE: tl.constexpr,
+):
+    BN: tl.constexpr = 64
+    w_ptr = w_ptr.to(tl.pointer_type(tl.int32))  # the packed bytes, read as 32-bit words
+    pid_s = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    k_base = pid_s * 128
+    # x in virtual k order; column h = half h of the slice, zeros elsewhere (and in columns 2-15)
+    pk = _phys_k(tl.arange(0, 128))
+    col = tl.arange(0, 16)
+    x_ok = ((k_base + pk)[:, None] < K) & ((pk >> 6)[:, None] == col[None, :])
+    xv = tl.load(x_ptr + (k_base + pk)[:, None] * stride_xk + col[None, :] * 0, mask=x_ok, other=0.0)
+    xv = xv.to(DOT_DTYPE)
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    base = 0
+    lane4 = 0
+    p0, p1, p2, p3, p4, p5, p6, p7 = 0, 0, 0, 0, 0, 0, 0, 0
+    if DECODE == "lds":
+        base = lut_fill(lut_ptr)  # this program's shared pair table (every thread, straight-line)
+        lane4 = lut_lane4(base)
+        # the planes, read at a per-lane address: ptxas then keeps them in vector registers (from
+        # one address it keeps some in uniform registers and copies one in before every prmt)
+        pl = lut_ptr + 256 + (lane4 >> 2) * 8
+        p0, p1, p2, p3 = tl.load(pl + 0), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3)
+        p4, p5, p6, p7 = tl.load(pl + 4), tl.load(pl + 5), tl.load(pl + 6), tl.load(pl + 7)
+    nblk = K // BLOCKSIZE
+    offs_w = tl.arange(0, 16)
+    w_ok = (k_base + 64 * (offs_w // 8)) < K  # per half slice, so the loads stay 128-bit
+    pr = tl.arange(0, BN)  # physical rows of a tile: the words' order
+    prv = _phys_row(tl.arange(0, BN))  # physical row of each virtual row: the accumulator's order
+    tcol = tl.arange(0, 8)
+    row0 = pid_g * rows_per_cta
+    row_end = tl.minimum(row0 + rows_per_cta, N)
+    w_ptrs = w_ptr + (row0 + pr)[:, None].to(tl.int64) * stride_wn + k_base // 8 + offs_w[None, :]
+    blk = (row0 + prv) * nblk + k_base // BLOCKSIZE  # [BN] the first half's block, virtual row order
+    a_ptrs = absmax_ptr + blk
+    half1 = (prv * 0 + k_base + 64) < K  # [BN]; K % 128 == 64: the last slice has one half
+    ws_ptrs = ws_ptr + pid_s * N + (row0 + prv)[:, None] + tcol[None, :] * 0
+    for r0 in range(row0, row_end, BN):
+        wq = tl.load(w_ptrs, mask=((r0 + pr) < N)[:, None] & w_ok[None, :], other=0)
+        lv = _decode_words(wq, code_ptr, lane4, base, p0, p1, p2, p3, p4, p5, p6, p7, DECODE, LEVEL_DTYPE,
+                           MANUAL_BF16)
+        wv = _to_virtual(lv.to(DOT_DTYPE))
+        if IEEE:
+            d = tl.dot(wv, xv, input_precision="ieee")
+        else:
+            d = tl.dot(wv, xv)
+        row_ok = (r0 + prv) < N
+        a0, a1 = _absmax_pair(a_ptrs, ncode_ptr, nabs_ptr, blk, offset, row_ok, half1, NESTED, PAIRED, BLOCKSIZE)
+        d0, d1 = tl.split(tl.reshape(d, (BN, 8, 2)))  # columns 2c and 2c + 1; only c = 0 holds data
+        y = d0 * a0[:, None] + d1 * a1[:, None]
+        keep = row_ok[:, None] & (tcol[None, :] == 0)
+        if GPU_STORE:
+            _store_f32(ws_ptrs, y, keep)
+        else:
+            tl.store(ws_ptrs, y, mask=keep)
+        w_ptrs += BN * stride_wn
+        a_ptrs += BN * nblk
+        blk += BN * nblk
+        ws_ptrs += BN
+
+    # the last of this row group's SLICES programs reduces the partials (in slice order)
+    tl.debug_barrier()  # every thread's partial stores precede the release below
+    arrived = tl.atomic_add(count_ptr + pid_g, 1, sem="acq_rel", scope="gpu")
+    if arrived == SLICES - 1:
+        for r0 in range(row0, row_end, BN):
+            rr = r0 + pr
+            r_ok = rr < N
+            y = tl.zeros((BN,), tl.float32)
+            for s in range(0, SLICES):
+                y += tl.load(ws_ptr + s * N + rr, mask=r_ok, other=0.0, cache_modifier=".cg")
+            if HAS_LORA:
+                j = tl.arange(0, BLOCK_RANK)
+                sv = tl.load(s_ptr + j * stride_sj, mask=j < RANK, other=0.0).to(tl.float32)
+                bv = tl.load(b_ptr + rr[:, None] * stride_bn + j[None, :] * stride_bj,
+                             mask=r_ok[:, None] & (j[None, :] < RANK), other=0.0).to(tl.float32)
+                y += tl.sum(bv * sv[None, :], axis=1) * scale
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rr * stride_on, cast_out(y, OUT_DTYPE, MANUAL_BF16), mask=r_ok)
+        tl.atomic_xchg(count_ptr + pid_g, 0, sem="relaxed", scope="gpu")  # ready for the next call
+
+
+# ---- the GPU self-check of the decode ---------------------------------------------------------
+# 'lds' is proven on CPU piece by piece (kernels._lut.emulate_decode, the byte-permute emulator, the
+# 'lds_table' split and re-join in the interpreter); a GPU runs it once per device, table and dtype
+# against the plain decoder before the GEMV may use it, and a mismatch means 'table' (with a warning).
+_verified: dict = {}
+
+
+@triton.jit
+def _probe_kernel(w_ptr, code_ptr, lut_ptr, out_ptr, DECODE: tl.constexpr, LEVEL_DTYPE: tl.constexpr):
+    """Decode ``[64, 16]`` words per program with DECODE, as ``[64, 16, 8]`` float32 levels."""
+    base_i = tl.program_id(0) * 1024
+    i = base_i + tl.arange(0, 64)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    wq = tl.load(w_ptr + i)
+    base = 0
+    lane4 = 0
+    p0, p1, p2, p3, p4, p5, p6, p7 = 0, 0, 0, 0, 0, 0, 0, 0
+    if DECODE == "lds":
+        base = lut_fill(lut_ptr)
+        lane4 = lut_lane4(base)
+        pl = lut_ptr + 256 + (lane4 >> 2) * 8
+        p0, p1, p2, p3 = tl.load(pl + 0), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3)
+        p4, p5, p6, p7 = tl.load(pl + 4), tl.load(pl + 5), tl.load(pl + 6), tl.load(pl + 7)
+    lv = _decode_words(wq, code_ptr, lane4, base, p0, p1, p2, p3, p4, p5, p6, p7, DECODE, LEVEL_DTYPE, False)
+    tl.store(out_ptr + i[:, :, None] * 8 + tl.arange(0, 8)[None, None, :], lv.to(tl.float32))
+
+
+def probe(device, code, words, decoder: str, dtype):
+    """Run ``_decode_words`` with ``decoder`` on int32 ``words`` (a multiple of 1024) on ``device``:
+    ``[n * 8]`` float32 levels rounded to ``dtype`` (bf16/fp16)."""
+    import torch
+
+    from ._lut import lut_source
+    from ._tl import tl_dtype
+
+    out = torch.empty(words.numel() * 8, dtype=torch.float32, device=device)
+    _probe_kernel[(words.numel() // 1024,)](words, code, lut_source(code, dtype), out, DECODE=decoder,
+                                            LEVEL_DTYPE=tl_dtype(dtype), num_warps=4)
+    return out
+
+
+def verified(device, code, dtype) -> bool:
+    """Whether the 'lds' decode gives exactly the plain decoder's levels on ``device`` for ``code``
+    rounded to ``dtype`` (bf16/fp16); checked once per device, table and dtype; True off the GPU."""
+    import warnings
+
+    import torch
+
+    from . import _decode
+
+    if device.type != "cuda" or _decode.ASSUME_VERIFIED:
+        return True
+    key = (device, code.data_ptr(), code._version, dtype)
+    if key not in _verified:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        every = torch.tensor([sum(((c + e) % 16) << (4 * e) for e in range(8)) for c in range(16)], dtype=torch.int64)
+        words = torch.cat([every.repeat(64), torch.randint(0, 2**32, (3072,), generator=g, dtype=torch.int64)])
+        words = words.to(torch.int32).to(device)  # 4096 words: 4 programs; wraps to the same 32 bits
+        try:
+            ok = torch.equal(probe(device, code, words, "lds", dtype), probe(device, code, words, "table", dtype))
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use the shared-table decoder here
+            warnings.warn(f"kernels: the shared-table decoder is unavailable on {device} ({type(e).__name__}: {e}); "
+                          "using the plain Triton decoder", RuntimeWarning, stacklevel=3)
+            ok = False
+        else:
+            if not ok:
+                warnings.warn(f"kernels: the shared-table 4-bit decoder disagrees with the plain decoder on {device}; "
+                              "using the plain Triton decoder (slower, exact). Please report this.", RuntimeWarning,
+                              stacklevel=3)
+        _verified[key] = ok
+    return _verified[key]
