@@ -182,8 +182,12 @@ def test_quantize_of_dequantize_is_the_identity_on_codes(w, double_quant, blocks
 @settings(max_examples=40, deadline=None)
 @given(w=hnp.arrays(dtype="float32", shape=st.integers(1, 500), elements=_floats))
 def test_fp4_round_trip_preserves_values(w):
-    # FP4 has two zero codes (0 and 8), so compare values rather than codes.
+    # FP4 has two zero codes (0 and 8), so compare values rather than codes. As for NF4 above, only
+    # normal (or zero) block scales can give their values back: a subnormal one (w = [1.86e-40],
+    # found by hypothesis) decodes towards zero (test_subnormal_blocks_flush_to_zero_like_bitsandbytes)
+    # and re-quantizes to another block.
     qt = nf4.quantize(torch.from_numpy(w), "fp4", 64, False)
+    assume(bool(((qt.absmax >= 1e-38) | (qt.absmax == 0)).all()))
     again = nf4.quantize(qt.dequantize(), "fp4", 64, False)
     assert torch.equal(again.dequantize(), qt.dequantize())
 

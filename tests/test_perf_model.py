@@ -310,13 +310,14 @@ def test_committed_perf_model_json_follows_the_schema():
 
 # What the committed model shows for the decode regime (issue 13's budget, and where it falls short).
 # These assertions fail only after the JSON is regenerated: after a kernel change, rerun the model
-# (README, "Performance"). Met on every shape: <= 128 registers, no spills, 128-bit loads of the
-# packed codes, one launch a call, >= 2.5x a bf16 GEMV at M = 1, and a training step >= 0.9x a
-# bf16 LoRA step; dequantize >= 0.85 of HBM. NOT met everywhere (the numbers are the floor the
-# committed kernels reach, see README): <= 3.5 instructions a weight (the M = 1 loop is at 3.7-3.9),
-# HBM fraction >= 0.80 at M = 1 (0.67-0.94) and >= 2.5x bf16 at M = 16 (2.2-2.9).
-M1_INSTR_PER_WEIGHT_MAX = 3.9
-M1_HBM_FRACTION_MIN = 0.65
+# (README, "Performance"). Met on every shape: <= 3.5 instructions a weight at M = 1 (the tensor-core
+# GEMV with the shared pair table: 3.2 nested absmax / 2.7 fp32), <= 128 registers, no spills,
+# 128-bit loads of the packed codes, one launch a call, >= 2.5x a bf16 GEMV at M = 1, and a training
+# step >= 0.9x a bf16 LoRA step; dequantize >= 0.85 of HBM. NOT met everywhere (the numbers are the
+# floor the committed kernels reach, see README): HBM fraction >= 0.80 at M = 1 (0.73-0.95) and
+# >= 2.5x bf16 at M = 16 (2.2-2.9).
+M1_INSTR_PER_WEIGHT_MAX = 3.5
+M1_HBM_FRACTION_MIN = 0.72
 M1_VS_BF16_MIN = 2.5
 M16_VS_BF16_MIN = 2.2
 
