@@ -223,3 +223,43 @@ def lora_bias_epilogue(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def row_epilogue(y, rows, N, s_ptr, stride_sj, b_ptr, stride_bn, stride_bj, RANK, scale, bias_ptr,
+                 HAS_LORA: tl.constexpr, BLOCK_RANK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """M = 1: ``y[n] + scale * sum_j S[0, j] B[n, j] + bias[n]`` in float32 for one row block."""
+    if HAS_LORA:
+        j = tl.arange(0, BLOCK_RANK)
+        s = tl.load(s_ptr + j * stride_sj, mask=j < RANK, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rows[:, None] * stride_bn + j[None, :] * stride_bj,
+                    mask=(rows[:, None] < N) & (j[None, :] < RANK), other=0.0).to(tl.float32)
+        y += tl.sum(b * s[None, :], axis=1) * scale
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def finish_split_k_rows(count_ptr, pid_g, ws_ptr, out_ptr, stride_on, row0, row_end, N, SLICES,
+                        s_ptr, stride_sj, b_ptr, stride_bn, stride_bj, RANK, scale, bias_ptr,
+                        BLOCK_N: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_RANK: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """The M = 1 GEMVs' split-K without a second launch: every program of row group ``pid_g`` has
+    stored its float32 partials ``ws[s, rows]``; the one that arrives last (a per-group counter)
+    sums them in slice order (deterministic), adds ``row_epilogue``, casts once, stores the output
+    and resets the counter to 0 for the next call."""
+    offs_r = tl.arange(0, BLOCK_N)
+    tl.debug_barrier()  # every thread's partial stores precede the release below
+    arrived = tl.atomic_add(count_ptr + pid_g, 1, sem="acq_rel", scope="gpu")
+    if arrived == SLICES - 1:
+        for r0 in range(row0, row_end, BLOCK_N):
+            rr = r0 + offs_r
+            row_ok = rr < N
+            y = tl.zeros((BLOCK_N,), tl.float32)
+            for s in range(0, SLICES):
+                y += tl.load(ws_ptr + s * N + rr, mask=row_ok, other=0.0, cache_modifier=".cg")
+            y = row_epilogue(y, rr, N, s_ptr, stride_sj, b_ptr, stride_bn, stride_bj, RANK, scale, bias_ptr,
+                             HAS_LORA, BLOCK_RANK, HAS_BIAS)
+            tl.store(out_ptr + rr * stride_on, cast_out(y, OUT_DTYPE, MANUAL_BF16), mask=row_ok)
+        tl.atomic_xchg(count_ptr + pid_g, 0, sem="relaxed", scope="gpu")  # ready for the next call

@@ -64,7 +64,7 @@ import triton.language as tl
 from ._decode import (decode8_mixed, decode8_prmt_f32, decode8_prmt_scaled, decode8_shfl, decode8_table, lane_table, pair16,
                       load_planes, planes, verified)
 from ._launch import cdiv, device_guard, next_pow2
-from ._tl import cast_out, lora_bias_epilogue, manual_bf16, tl_dtype
+from ._tl import cast_out, finish_split_k_rows, lora_bias_epilogue, manual_bf16, row_epilogue, tl_dtype
 from ._lut import lut_source
 from .dispatch import interpreting
 from .gemv_tc import BLOCK_ROWS as TC_ROWS, SLICE as TC_SLICE, _gemv_tc_kernel
@@ -211,7 +211,7 @@ def _gemv_fma_kernel(
         am = _absmax_rows(a_ptrs, ncode_ptr, nabs_ptr, blk32, offset, mask, NESTED)
         y = tl.sum(part * am, axis=0)  # [BLOCK_N]
         if not SPLIT_K:
-            y = _fma_epilogue(y, r0 + offs_r, N, s_ptr, stride_sj, b_ptr, stride_bn, stride_bj, RANK, scale, bias_ptr,
+            y = row_epilogue(y, r0 + offs_r, N, s_ptr, stride_sj, b_ptr, stride_bn, stride_bj, RANK, scale, bias_ptr,
                               HAS_LORA, BLOCK_RANK, HAS_BIAS)
             tl.store(out_ptr + (r0 + offs_r) * stride_on, cast_out(y, OUT_DTYPE, MANUAL_BF16), mask=row_ok)
         else:
@@ -221,35 +221,9 @@ def _gemv_fma_kernel(
         blk32 += blk_step
 
     if SPLIT_K:
-        # the last of this row group's SLICES programs reduces the partials (in slice order)
-        tl.debug_barrier()  # every thread's partial stores precede the release below
-        arrived = tl.atomic_add(count_ptr + pid_g, 1, sem="acq_rel", scope="gpu")
-        if arrived == SLICES - 1:
-            for r0 in range(row0, row_end, BLOCK_N):
-                rr = r0 + offs_r
-                row_ok = rr < N
-                y = tl.zeros((BLOCK_N,), tl.float32)
-                for s in range(0, SLICES):
-                    y += tl.load(ws_ptr + s * N + rr, mask=row_ok, other=0.0, cache_modifier=".cg")
-                y = _fma_epilogue(y, rr, N, s_ptr, stride_sj, b_ptr, stride_bn, stride_bj, RANK, scale, bias_ptr,
-                                  HAS_LORA, BLOCK_RANK, HAS_BIAS)
-                tl.store(out_ptr + rr * stride_on, cast_out(y, OUT_DTYPE, MANUAL_BF16), mask=row_ok)
-            tl.atomic_xchg(count_ptr + pid_g, 0, sem="relaxed", scope="gpu")  # ready for the next call
-
-
-@triton.jit
-def _fma_epilogue(y, rows, N, s_ptr, stride_sj, b_ptr, stride_bn, stride_bj, RANK, scale, bias_ptr,
-                  HAS_LORA: tl.constexpr, BLOCK_RANK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``y[n] + scale * sum_j S[0, j] B[n, j] + bias[n]`` in float32 for one row block."""
-    if HAS_LORA:
-        j = tl.arange(0, BLOCK_RANK)
-        s = tl.load(s_ptr + j * stride_sj, mask=j < RANK, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + rows[:, None] * stride_bn + j[None, :] * stride_bj,
-                    mask=(rows[:, None] < N) & (j[None, :] < RANK), other=0.0).to(tl.float32)
-        y += tl.sum(b * s[None, :], axis=1) * scale
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-    return y
+        finish_split_k_rows(count_ptr, pid_g, ws_ptr, out_ptr, stride_on, row0, row_end, N, SLICES, s_ptr, stride_sj,
+                            b_ptr, stride_bn, stride_bj, RANK, scale, bias_ptr, BLOCK_N, HAS_LORA, BLOCK_RANK,
+                            HAS_BIAS, OUT_DTYPE, MANUAL_BF16)
 
 
 # ---- the 2 <= M <= 16 kernel ---------------------------------------------------------------------

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from ._decode import decode8_prmt, decode8_table
 from ._lut import decode8_lds, lut_fill, lut_lane4
-from ._tl import cast_out
+from ._tl import cast_out, decode_absmax, finish_split_k_rows
 
 DECODERS = ("table", "lds", "lds_table")
 
@@ -79,7 +79,7 @@ def _to_virtual(v):
 
 
 @triton.jit
-def _absmax_pair(a_ptrs, ncode_ptr, nabs_ptr, blk, offset, row_ok, half1_ok, NESTED: tl.constexpr,
+def _absmax_pair(absmax_ptr, a_ptrs, ncode_ptr, nabs_ptr, blk, offset, row_ok, half1_ok, NESTED: tl.constexpr,
                  PAIRED: tl.constexpr, BLOCKSIZE: tl.constexpr):
     """The float32 absmax of the slice's two halves for each row: blocks ``blk`` and, for the
     second half, ``blk + 1`` (PAIRED: blocksize 64, ``blk`` even, so one 16-bit / 64-bit load
@@ -95,21 +95,12 @@ def _absmax_pair(a_ptrs, ncode_ptr, nabs_ptr, blk, offset, row_ok, half1_ok, NES
             a0 = v.to(tl.int32).to(tl.float32, bitcast=True)
             a1 = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     else:
-        a0 = _absmax_one(a_ptrs, ncode_ptr, nabs_ptr, blk, offset, row_ok, NESTED)
+        a0 = decode_absmax(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, row_ok, NESTED)
         if BLOCKSIZE == 64:  # K % 128 == 64: the halves' blocks are blk and blk + 1, unaligned
-            a1 = _absmax_one(a_ptrs + 1, ncode_ptr, nabs_ptr, blk + 1, offset, row_ok & half1_ok, NESTED)
+            a1 = decode_absmax(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk + 1, row_ok & half1_ok, NESTED)
         else:  # a power-of-two block of >= 128 codes holds the whole 128-aligned slice
             a1 = a0
     return a0, tl.where(half1_ok, a1, 0.0)
-
-
-@triton.jit
-def _absmax_one(a_ptrs, ncode_ptr, nabs_ptr, blk, offset, mask, NESTED: tl.constexpr):
-    if NESTED:
-        q = tl.load(a_ptrs, mask=mask, other=0).to(tl.int32)
-        return tl.load(ncode_ptr + q) * tl.load(nabs_ptr + (blk >> 8), mask=mask, other=0.0) + offset
-    else:
-        return tl.load(a_ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -209,7 +200,7 @@ def _gemv_tc_kernel(
         else:
             d = tl.dot(wv, xv)
         row_ok = (r0 + prv) < N
-        a0, a1 = _absmax_pair(a_ptrs, ncode_ptr, nabs_ptr, blk, offset, row_ok, half1, NESTED, PAIRED, BLOCKSIZE)
+        a0, a1 = _absmax_pair(absmax_ptr, a_ptrs, ncode_ptr, nabs_ptr, blk, offset, row_ok, half1, NESTED, PAIRED, BLOCKSIZE)
         d0, d1 = tl.split(tl.reshape(d, (BN, 8, 2)))  # columns 2c and 2c + 1; only c = 0 holds data
         y = d0 * a0[:, None] + d1 * a1[:, None]
         keep = row_ok[:, None] & (tcol[None, :] == 0)
@@ -222,26 +213,9 @@ def _gemv_tc_kernel(
         blk += BN * nblk
         ws_ptrs += BN
 
-    # the last of this row group's SLICES programs reduces the partials (in slice order)
-    tl.debug_barrier()  # every thread's partial stores precede the release below
-    arrived = tl.atomic_add(count_ptr + pid_g, 1, sem="acq_rel", scope="gpu")
-    if arrived == SLICES - 1:
-        for r0 in range(row0, row_end, BN):
-            rr = r0 + pr
-            r_ok = rr < N
-            y = tl.zeros((BN,), tl.float32)
-            for s in range(0, SLICES):
-                y += tl.load(ws_ptr + s * N + rr, mask=r_ok, other=0.0, cache_modifier=".cg")
-            if HAS_LORA:
-                j = tl.arange(0, BLOCK_RANK)
-                sv = tl.load(s_ptr + j * stride_sj, mask=j < RANK, other=0.0).to(tl.float32)
-                bv = tl.load(b_ptr + rr[:, None] * stride_bn + j[None, :] * stride_bj,
-                             mask=r_ok[:, None] & (j[None, :] < RANK), other=0.0).to(tl.float32)
-                y += tl.sum(bv * sv[None, :], axis=1) * scale
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + rr * stride_on, cast_out(y, OUT_DTYPE, MANUAL_BF16), mask=r_ok)
-        tl.atomic_xchg(count_ptr + pid_g, 0, sem="relaxed", scope="gpu")  # ready for the next call
+    finish_split_k_rows(count_ptr, pid_g, ws_ptr, out_ptr, stride_on, row0, row_end, N, SLICES, s_ptr, stride_sj,
+                        b_ptr, stride_bn, stride_bj, RANK, scale, bias_ptr, BN, HAS_LORA, BLOCK_RANK, HAS_BIAS,
+                        OUT_DTYPE, MANUAL_BF16)
 
 
 # ---- the GPU self-check of the decode ---------------------------------------------------------
