@@ -23,7 +23,7 @@ hands its address out.
 
 The decode asm reads shared memory, so it is not pure: it stays after the fill's barrier.
 Tests run ``emulate_decode`` (the PTX semantics in numpy) on ``table_image`` (the bytes the fill
-writes) against the plain decoder. On a GPU, ``kernels._decode.verified`` runs fill and decode
+writes) against the plain decoder. On a GPU, ``kernels.gemv_tc.verified`` runs fill and decode
 once per device against the plain decoder before any kernel may use them.
 """
 
@@ -40,6 +40,13 @@ __all__ = ["LANE_STRIDE", "TABLE_BYTES", "THREADS", "DECODE_PROGRAM", "FILL_PTX"
 
 LANE_STRIDE = 128  # bytes between two entries of one lane: 32 lanes x 4 bytes
 TABLE_BYTES = 256 * LANE_STRIDE  # 32 KB
+# The table is static shared memory, which Triton does not see: Triton's own (dynamic) shared
+# memory starts after it and ptxas's 1 KB reserve, and needs 1 KB alignment there (a wgmma operand
+# with 128-byte swizzle); and the launch only asks for more than 48 KB per block when Triton's own
+# part alone exceeds it, so the kernel's dynamic part must stay under STATIC_BUDGET - TABLE_BYTES -
+# 1 KB (tools/perf_model.py --compile-check asserts it for every tc variant).
+STATIC_BUDGET = 48 * 1024
+assert TABLE_BYTES % 1024 == 0 and TABLE_BYTES + 1024 < STATIC_BUDGET
 THREADS = 128  # the fill's thread count: 2 entries a thread (kernels using it run 4 warps)
 
 # ---- the decode program, as data ----------------------------------------------------------------

@@ -76,6 +76,7 @@ GEMV_MAX_M = 16  # tensor-core tiles pad M to 16; above that the GEMM regimes ta
 GROUP = 64  # codes per thread group / per MMA step: the kernels need K and blocksize multiples of it
 DECODERS = ("auto", "table", "shfl", "mixed", "hybrid", "hybrid_table", "prmt", "lds", "lds_table")
 FMA_DECODERS = ("shfl", "mixed", "hybrid", "hybrid_table")  # forcing one runs M = 1 on the FMA kernel
+KIND_DECODERS = {"fma": ("table",) + FMA_DECODERS, "tc": ("table", "lds", "lds_table"), "mma": ("table", "prmt")}
 
 _state = threading.local()
 TC_PER_SM = 4  # tc programs per SM the row grouping aims at
@@ -404,6 +405,9 @@ def _plan(M: int, n: int, k: int, blocksize: int, nested: bool, x_dtype, out_dty
         # 3 words of 4 by shuffle, 1 by permutes (fp16 levels: finer than bf16/fp16 x's own rounding)
         cfg["DECODE"] = "hybrid"
     if decode is not None:
+        if decode not in KIND_DECODERS[kind]:
+            raise ValueError(f"decoder {decode!r} does not apply to the {kind!r} GEMV (M={M}, {x_dtype}); "
+                             f"it takes {KIND_DECODERS[kind]}")
         cfg["DECODE"] = decode
     interp = interpreting()
     meta = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora,
@@ -418,7 +422,8 @@ def _plan(M: int, n: int, k: int, blocksize: int, nested: bool, x_dtype, out_dty
         slices, rows = cfg.pop("SLICES"), cfg.pop("rows_per_cta")
         groups = cdiv(n, rows)
         dot_dtype = torch.float32 if interp else x_dtype  # the interpreter's bf16 dot is wrong (NOTES §3)
-        meta.update(LEVEL_DTYPE=tl_dtype(x_dtype), DOT_DTYPE=tl_dtype(dot_dtype), IEEE=interp,
+        meta.update(LEVEL_DTYPE=tl_dtype(x_dtype), LEVEL_MANUAL_BF16=manual_bf16(x_dtype, interp),
+                    DOT_DTYPE=tl_dtype(dot_dtype), IEEE=interp,
                     PAIRED=blocksize == 64 and k % 128 == 0, GPU_STORE=not interp, **cfg)
         return kind, (slices, groups), (rows, slices), meta, groups, slices * n
     split, k_per_split = cfg.pop("SPLIT"), cfg.pop("k_per_split")
@@ -466,6 +471,8 @@ def gemv_launch(x: torch.Tensor, state: tuple, n: int, k: int, blocksize: int, l
     xm, xk = x.stride()
     dec = meta["DECODE"]
     if kind == "tc":
+        if meta["num_warps"] != 4:  # the shared table's fill is written for exactly 128 threads
+            raise ValueError(f"the tc GEMV runs 4 warps (one warpgroup), got num_warps={meta['num_warps']}")
         pl = lut_source(code, x.dtype) if dec == "lds" else count
         if meta["PAIRED"] and absmax.data_ptr() % (2 * absmax.element_size()):
             meta = {**meta, "PAIRED": False}  # a view at an odd block: no paired 16/64-bit absmax loads

@@ -150,7 +150,7 @@ def _gemv_tc_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DECODE: tl.constexpr,
     HAS_LORA: tl.constexpr, BLOCK_RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
     LEVEL_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, OUT_DTYPE: tl.constexpr,
-    MANUAL_BF16: tl.constexpr, PAIRED: tl.constexpr, GPU_STORE: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, PAIRED: tl.constexpr, GPU_STORE: tl.constexpr, LEVEL_MANUAL_BF16: tl.constexpr,
 ):
     BN: tl.constexpr = 64
     w_ptr = w_ptr.to(tl.pointer_type(tl.int32))  # the packed bytes, read as 32-bit words
@@ -193,7 +193,7 @@ def _gemv_tc_kernel(
     for r0 in range(row0, row_end, BN):
         wq = tl.load(w_ptrs, mask=((r0 + pr) < N)[:, None] & w_ok[None, :], other=0)
         lv = _decode_words(wq, code_ptr, lane4, base, p0, p1, p2, p3, p4, p5, p6, p7, DECODE, LEVEL_DTYPE,
-                           MANUAL_BF16)
+                           LEVEL_MANUAL_BF16)
         wv = _to_virtual(lv.to(DOT_DTYPE))
         if IEEE:
             d = tl.dot(wv, xv, input_precision="ieee")

@@ -101,7 +101,52 @@ def test_tc_word_split_and_rejoin_keep_every_weight_in_place(device, nested, mon
         run_case(device, 1, 40, 256, 8, True, 0.0, 64, nested, "nf4", False, False, torch.bfloat16, regime="auto")
         run_case(device, 1, 33, 384, 0, False, 0.0, 128, nested, "fp4", True, True, torch.float16, regime="auto")
         run_case(device, 1, 70, 192, 4, True, 0.0, 64, nested, "nf4", False, True, torch.bfloat16, regime="auto")
+        # two row groups (the CPU config takes 128 rows a group), > 256 blocks (a second nested scale)
+        run_case(device, 1, 200, 256, 8, False, 0.0, 64, nested, "nf4", False, False, torch.bfloat16, regime="auto")
     assert seen and set(seen) == {"lds_table"}
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_tc_absmax_view_at_an_odd_block_turns_the_paired_loads_off(device, nested, monkeypatch):
+    """Blocksize 64 and K % 128 == 0 read both blocks' absmax of a row with one 16-bit (nested) or
+    64-bit (fp32) load; an absmax that is a view starting at an odd element cannot be read so (a
+    misaligned load on a GPU), so the launcher switches to one load a block, same result."""
+    import dataclasses
+
+    if not kernels.dispatch.use_triton(torch.zeros(1, device=device)):
+        pytest.skip("reference backend")
+    qt = nf4.quantize(torch.randn(96, 256, device=device), "nf4", 64, nested)
+    buf = torch.zeros(qt.absmax.numel() + 1, dtype=qt.absmax.dtype, device=device)
+    buf[1:] = qt.absmax
+    odd = dataclasses.replace(qt, absmax=buf[1:])
+    seen = []
+
+    class Paired(_Spy):
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["PAIRED"])
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(gemv, "_gemv_tc_kernel", Paired(gemv._gemv_tc_kernel, seen))
+    x = torch.randn(1, 256, device=device).to(torch.bfloat16)
+    y, y_odd = kernels.nf4_matmul(x, qt), kernels.nf4_matmul(x, odd)
+    assert seen == [True, False]
+    assert torch.equal(y, y_odd)
+
+
+def test_forced_decoder_that_does_not_apply_and_tc_warps_are_refused(device):
+    if not kernels.dispatch.use_triton(torch.zeros(1, device=device)):
+        pytest.skip("reference backend")
+    qt = nf4.quantize(torch.randn(16, 128, device=device), "nf4", 64, False)
+    x = torch.randn(1, 128, device=device).to(torch.bfloat16)
+    with gemv.force_decoder("prmt"), pytest.raises(ValueError, match="decoder 'prmt' does not apply to the 'tc'"):
+        kernels.nf4_matmul(x, qt)
+    with gemv.force_decoder("lds"), pytest.raises(ValueError, match="does not apply to the 'fma'"):
+        kernels.nf4_matmul(x.float(), qt)
+    state = kernels.state.quant_state(qt)
+    with pytest.raises(ValueError, match="tc GEMV runs 4 warps.*num_warps=2"):
+        gemv.gemv_launch(x, state, 16, 128, 64, None, None, 0.0, None, x.dtype, config={"num_warps": 2})
 
 
 class _Spy:

@@ -93,3 +93,21 @@ def test_lut_source_layout_and_cache(dtype):
     assert _lut.lut_source(code, dtype) is src  # cached
     code[3] = 0.25  # modified in place: rebuilt
     assert not torch.equal(_lut.lut_source(code, dtype), src)
+
+
+def test_the_rendered_ptx_is_the_program():
+    """DECODE_PTX is generated from DECODE_PROGRAM (which the emulator runs): parse it back."""
+    ops = {"shl.b32": "shl", "shr.b32": "shr", "and.b32": "and", "or.b32": "or", "add.u32": "add"}
+    regs = {"$0": "o0", "$1": "o1", "$2": "o2", "$3": "o3", "$4": "w", "$5": "lane4", "$6": "base", "%t": "t"}
+    parsed = []
+    for line in _lut.DECODE_PTX.splitlines():
+        m = re.fullmatch(r"(\S+) (\S+), (\S+), (\S+);", line)
+        if m and m.group(1) in ops:
+            c = m.group(4)
+            parsed.append((ops[m.group(1)], regs[m.group(2)], regs[m.group(3)],
+                           int(c, 16) if c.startswith("0x") else regs[c]))
+        elif (m := re.fullmatch(r"ld\.shared\.b32 (\S+), \[(\S+)\];", line)):
+            parsed.append(("lds", regs[m.group(1)], regs[m.group(2)]))
+        else:
+            assert line in ("{", "}", ".reg .b32 %t;"), line
+    assert parsed == _lut.DECODE_PROGRAM

@@ -99,6 +99,9 @@ def compile_cases():
     return cases
 
 
+LAUNCH_DEFAULT_SMEM = 48 * 1024
+
+
 def compile_check(model: Model) -> int:
     """Compile every case of ``compile_cases`` for sm_90a; print each Triton launch's registers,
     spills and shared memory; return the number of failing cases."""
@@ -116,7 +119,13 @@ def compile_check(model: Model) -> int:
                 if hasattr(la, "cubin"):
                     st = model.sass(la.cubin)
                     print(f"    {la.name}: regs {st.regs}, spills {st.spills} B, shared {la.shared} B, "
-                          f"warps {la.num_warps}, stages {la.num_stages}", flush=True)
+                          f"static shared {st.static_smem} B, warps {la.num_warps}, stages {la.num_stages}",
+                          flush=True)
+                    if la.shared <= LAUNCH_DEFAULT_SMEM < la.shared + st.static_smem:
+                        # Triton raises a block's shared-memory limit above 48 KB only for its own
+                        # (dynamic) part; static shared memory (kernels._lut's table) must fit with it
+                        raise RuntimeError(f"{la.name}: {la.shared} B dynamic + {st.static_smem} B static shared "
+                                           f"memory exceeds the {LAUNCH_DEFAULT_SMEM} B a launch gets by default")
             print(f"OK   {name} ({time.time() - t:.1f} s)", flush=True)
         except Exception as exc:  # noqa: BLE001 - report every failing variant, then fail
             failures += 1
