@@ -71,8 +71,7 @@ def check_decoders(device, emit=None):
 
     out = _Rows(emit)
     g = torch.Generator(device="cpu").manual_seed(3)
-    every = torch.tensor([sum(((c + e) % 16) << (4 * e) for e in range(8)) for c in range(16)], dtype=torch.int64)
-    words = torch.cat([every, torch.randint(0, 2**32, (4080,), generator=g, dtype=torch.int64)]).to(torch.int32)
+    words = _decode.probe_words(g)
     am = torch.rand(words.numel(), generator=g) * 3 + 1e-3
     words, am = words.to(device), am.to(device)
     decoders = ["table"] + (["shfl", "mixed", "prmt"] if device.type == "cuda" else [])

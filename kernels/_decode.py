@@ -511,6 +511,17 @@ def probe_expected(code, words, absmax, decoder: str, dtype=None):
     return levels
 
 
+def probe_words(generator):
+    """int32 ``[4096]`` (CPU) words for the decoder self-checks: every code in every nibble
+    position (16 words), then 4,080 random words drawn from ``generator`` (wrapped to int32: the
+    same 32 bits)."""
+    import torch
+
+    every = torch.tensor([sum(((c + e) % 16) << (4 * e) for e in range(8)) for c in range(16)], dtype=torch.int64)
+    rand = torch.randint(0, 2**32, (4080,), generator=generator, dtype=torch.int64)
+    return torch.cat([every, rand]).to(torch.int32)
+
+
 def verified(device, code) -> bool:
     """Whether the asm decoders give exactly the plain decoder's values on ``device`` for the table
     ``code`` (checked once per device and table; True off the GPU)."""
@@ -523,9 +534,7 @@ def verified(device, code) -> bool:
     key = (device, code.data_ptr())
     if key not in _verified:
         g = torch.Generator(device="cpu").manual_seed(0)
-        every = torch.tensor([sum(((c + e) % 16) << (4 * e) for e in range(8)) for c in range(16)], dtype=torch.int64)
-        rand = torch.randint(0, 2**32, (4080,), generator=g, dtype=torch.int64)
-        words = torch.cat([every, rand]).to(torch.int32).to(device)  # wraps to int32: the same 32 bits
+        words = probe_words(g).to(device)
         am = (torch.rand(words.numel(), generator=g) * 3 + 1e-3).to(device)
         ok = True
         try:

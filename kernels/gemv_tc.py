@@ -114,6 +114,24 @@ def _store_f32(ptrs, v, mask):
 
 
 @triton.jit
+def _decode_setup(lut_ptr, DECODE: tl.constexpr):
+    """Once per program, for 'lds': fill the shared pair table (every thread, straight-line code),
+    this lane's slot in it, and the byte planes of the permute-decoded words, read at a per-lane
+    address (ptxas then keeps them in vector registers; from one address it keeps some in uniform
+    registers and copies one in before every ``prmt``). Zeros for the other decoders."""
+    base = 0
+    lane4 = 0
+    p0, p1, p2, p3, p4, p5, p6, p7 = 0, 0, 0, 0, 0, 0, 0, 0
+    if DECODE == "lds":
+        base = lut_fill(lut_ptr)
+        lane4 = lut_lane4(base)
+        pl = lut_ptr + 256 + (lane4 >> 2) * 8
+        p0, p1, p2, p3 = tl.load(pl + 0), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3)
+        p4, p5, p6, p7 = tl.load(pl + 4), tl.load(pl + 5), tl.load(pl + 6), tl.load(pl + 7)
+    return base, lane4, p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
 def _decode_words(wq, code_ptr, lane4, base, p0, p1, p2, p3, p4, p5, p6, p7, DECODE: tl.constexpr,
                   LEVEL_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
     """``[64, 16]`` words -> ``[64, 16, 8]`` levels in LEVEL_DTYPE (element order within a word)."""
@@ -166,17 +184,7 @@ def _gemv_tc_kernel(
     offset = 0.0
     if NESTED:
         offset = tl.load(offset_ptr)
-    base = 0
-    lane4 = 0
-    p0, p1, p2, p3, p4, p5, p6, p7 = 0, 0, 0, 0, 0, 0, 0, 0
-    if DECODE == "lds":
-        base = lut_fill(lut_ptr)  # this program's shared pair table (every thread, straight-line)
-        lane4 = lut_lane4(base)
-        # the planes, read at a per-lane address: ptxas then keeps them in vector registers (from
-        # one address it keeps some in uniform registers and copies one in before every prmt)
-        pl = lut_ptr + 256 + (lane4 >> 2) * 8
-        p0, p1, p2, p3 = tl.load(pl + 0), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3)
-        p4, p5, p6, p7 = tl.load(pl + 4), tl.load(pl + 5), tl.load(pl + 6), tl.load(pl + 7)
+    base, lane4, p0, p1, p2, p3, p4, p5, p6, p7 = _decode_setup(lut_ptr, DECODE)
     nblk = K // BLOCKSIZE
     offs_w = tl.arange(0, 16)
     w_ok = (k_base + 64 * (offs_w // 8)) < K  # per half slice, so the loads stay 128-bit
@@ -231,15 +239,7 @@ def _probe_kernel(w_ptr, code_ptr, lut_ptr, out_ptr, DECODE: tl.constexpr, LEVEL
     base_i = tl.program_id(0) * 1024
     i = base_i + tl.arange(0, 64)[:, None] * 16 + tl.arange(0, 16)[None, :]
     wq = tl.load(w_ptr + i)
-    base = 0
-    lane4 = 0
-    p0, p1, p2, p3, p4, p5, p6, p7 = 0, 0, 0, 0, 0, 0, 0, 0
-    if DECODE == "lds":
-        base = lut_fill(lut_ptr)
-        lane4 = lut_lane4(base)
-        pl = lut_ptr + 256 + (lane4 >> 2) * 8
-        p0, p1, p2, p3 = tl.load(pl + 0), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3)
-        p4, p5, p6, p7 = tl.load(pl + 4), tl.load(pl + 5), tl.load(pl + 6), tl.load(pl + 7)
+    base, lane4, p0, p1, p2, p3, p4, p5, p6, p7 = _decode_setup(lut_ptr, DECODE)
     lv = _decode_words(wq, code_ptr, lane4, base, p0, p1, p2, p3, p4, p5, p6, p7, DECODE, LEVEL_DTYPE, False)
     tl.store(out_ptr + i[:, :, None] * 8 + tl.arange(0, 8)[None, None, :], lv.to(tl.float32))
 
@@ -271,20 +271,17 @@ def verified(device, code, dtype) -> bool:
         return True
     key = (device, code.data_ptr(), code._version, dtype)
     if key not in _verified:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        every = torch.tensor([sum(((c + e) % 16) << (4 * e) for e in range(8)) for c in range(16)], dtype=torch.int64)
-        words = torch.cat([every.repeat(64), torch.randint(0, 2**32, (3072,), generator=g, dtype=torch.int64)])
-        words = words.to(torch.int32).to(device)  # 4096 words: 4 programs; wraps to the same 32 bits
+        words = _decode.probe_words(torch.Generator(device="cpu").manual_seed(0)).to(device)  # 4 programs
         try:
             ok = torch.equal(probe(device, code, words, "lds", dtype), probe(device, code, words, "table", dtype))
         except Exception as e:  # noqa: BLE001 - any failure means: do not use the shared-table decoder here
             warnings.warn(f"kernels: the shared-table decoder is unavailable on {device} ({type(e).__name__}: {e}); "
-                          "using the plain Triton decoder", RuntimeWarning, stacklevel=3)
+                          "M = 1 runs on the FMA GEMV", RuntimeWarning, stacklevel=3)
             ok = False
         else:
             if not ok:
                 warnings.warn(f"kernels: the shared-table 4-bit decoder disagrees with the plain decoder on {device}; "
-                              "using the plain Triton decoder (slower, exact). Please report this.", RuntimeWarning,
+                              "M = 1 runs on the FMA GEMV. Please report this.", RuntimeWarning,
                               stacklevel=3)
         _verified[key] = ok
     return _verified[key]
