@@ -344,7 +344,9 @@ def _make_config(kind: str, M: int, N: int, K: int, gpu: bool) -> dict:
             return dict(rows_per_cta=2 * TC_ROWS, SLICES=slices, DECODE=decode, num_warps=4)
         groups = max(1, min(cdiv(N, TC_ROWS), TC_PER_SM * _SMS // slices))
         rows = cdiv(cdiv(N, groups), TC_ROWS) * TC_ROWS
-        return dict(rows_per_cta=rows, SLICES=slices, DECODE=decode, num_warps=4, num_stages=1)
+        # enable_fp_fusion=False: the nested absmax is two roundings, as in kernels._tl (bit-exact)
+        return dict(rows_per_cta=rows, SLICES=slices, DECODE=decode, num_warps=4, num_stages=1,
+                    enable_fp_fusion=False)
     if kind == "fma":
         if cpu:
             return dict(TK=2, BLOCK_N=8, rows_per_cta=16, SLICES=cdiv(K, 128), DECODE=decode, num_warps=1)
@@ -424,7 +426,7 @@ def _plan(M: int, n: int, k: int, blocksize: int, nested: bool, x_dtype, out_dty
         dot_dtype = torch.float32 if interp else x_dtype  # the interpreter's bf16 dot is wrong (NOTES §3)
         meta.update(LEVEL_DTYPE=tl_dtype(x_dtype), LEVEL_MANUAL_BF16=manual_bf16(x_dtype, interp),
                     DOT_DTYPE=tl_dtype(dot_dtype), IEEE=interp,
-                    PAIRED=blocksize == 64 and k % 128 == 0, GPU_STORE=not interp, **cfg)
+                    GPU_STORE=not interp, **cfg)
         return kind, (slices, groups), (rows, slices), meta, groups, slices * n
     split, k_per_split = cfg.pop("SPLIT"), cfg.pop("k_per_split")
     tiles = cdiv(n, cfg["BLOCK_N"])
@@ -474,8 +476,6 @@ def gemv_launch(x: torch.Tensor, state: tuple, n: int, k: int, blocksize: int, l
         if meta["num_warps"] != 4:  # the shared table's fill is written for exactly 128 threads
             raise ValueError(f"the tc GEMV runs 4 warps (one warpgroup), got num_warps={meta['num_warps']}")
         pl = lut_source(code, x.dtype) if dec == "lds" else count
-        if meta["PAIRED"] and absmax.data_ptr() % (2 * absmax.element_size()):
-            meta = {**meta, "PAIRED": False}  # a view at an odd block: no paired 16/64-bit absmax loads
     else:
         pl = planes(code, torch.float16 if kind == "fma" else x.dtype) if dec in ("mixed", "hybrid", "prmt") else count
     args = (x, data, absmax, code, absmax if nabs is None else nabs, code if ncode is None else ncode,

@@ -18,10 +18,15 @@ virtual k order. The relabelling is plain Triton semantics: the result never dep
 the speed does.
 
 One float32 absmax per 64-code block, applied after the MMA. A 128-code slice spans two blocks and
-one MMA sums over all of it, so x enters as two columns: column h holds x on half h of the slice
-and zeros on the other half. The accumulator's columns 0 and 1 hold the two blocks' partial sums,
-each scaled by its absmax. Levels are rounded to x's dtype (as bitsandbytes' kernels round them);
-the absmax and the products are not.
+one MMA sums over all of it, so x enters as columns: x on half h of the slice (zeros on the other
+half) in columns 2 h and 2 h + 4, zeros in the rest. Thread ``(g, t)`` holds accumulator columns
+``2 t`` (and others), so every thread owns exactly one (row, half) partial sum: row ``16 w + 8 (t
+>> 1) + g``, half ``t & 1`` (``_lane_pick``). It decodes that one absmax (one nested decode a
+thread per K step, not four), scales, and one shuffle adds the two halves. The absmax loads are asm
+(``_ld_u8``, ``_ld_b32``) so they stay in the accumulator's layout; a ``tl.load`` would get a
+coalesced layout and move the values through shared memory. Levels are rounded to x's dtype (as
+bitsandbytes' kernels round them); the absmax (two roundings when nested, no FMA) and the products
+are not.
 
 Decode ('lds'): words 0-2 of every 4 from the shared pair table (1.5 instructions a code, one
 shared-memory wavefront per 64 codes a warp), word 3 by the byte permutes of ``kernels._decode``
@@ -31,11 +36,11 @@ shared-memory budget of an HBM-speed GEMV (predicted; ``benchmarks/results/perf_
 is the plain decoder (the interpreter, and the GPU's fallback).
 
     grid = (k-slices, row groups); program (s, g) owns codes [128 s, 128 s + 128)
-    xv = x[slice] in virtual order, as 2 columns (+ 14 zero columns: an MMA is 16 wide)
-    fill the pair table (once a program)
+    xv = x[slice] in virtual order, halves in columns (0, 4) and (2, 6), zeros elsewhere
+    fill the pair table (once a program); one CTA barrier (none in the loop)
     for each 64 rows of its group:                            # the weight-streaming loop
         d = level(words[rows, slice]) @ xv                    # [64, 16] float32, one MMA chain
-        ws[s, rows] = d[:, 0] absmax[rows, blk0] + d[:, 1] absmax[rows, blk1]
+        ws[s, rows] = d[rows, 0] absmax[rows, blk0] + d[rows, 2] absmax[rows, blk1]
     the last program of a row group sums ws over s (in order), adds LoRA and bias, stores
 
 On the CPU interpreter the same code runs with the plain decoder and float32 dots, the relabelling
@@ -79,28 +84,56 @@ def _to_virtual(v):
 
 
 @triton.jit
-def _absmax_pair(absmax_ptr, a_ptrs, ncode_ptr, nabs_ptr, blk, offset, row_ok, half1_ok, NESTED: tl.constexpr,
-                 PAIRED: tl.constexpr, BLOCKSIZE: tl.constexpr):
-    """The float32 absmax of the slice's two halves for each row: blocks ``blk`` and, for the
-    second half, ``blk + 1`` (PAIRED: blocksize 64, ``blk`` even, so one 16-bit / 64-bit load
-    reads both, and both lie in one group of 256 for the nested scale) or ``blk`` again."""
-    if PAIRED:
-        if NESTED:
-            q = tl.load(a_ptrs.to(tl.pointer_type(tl.int16)), mask=row_ok, other=0).to(tl.int32)
-            s2 = tl.load(nabs_ptr + (blk >> 8), mask=row_ok, other=0.0)
-            a0 = tl.load(ncode_ptr + (q & 255)) * s2 + offset
-            a1 = tl.load(ncode_ptr + ((q >> 8) & 255)) * s2 + offset
-        else:
-            v = tl.load(a_ptrs.to(tl.pointer_type(tl.int64)), mask=row_ok, other=0)
-            a0 = v.to(tl.int32).to(tl.float32, bitcast=True)
-            a1 = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+def _cat_cols(a, b):
+    """``[R, n]`` and ``[R, n]`` -> ``[R, 2 n]`` (a's columns first), the columns in registers."""
+    j = tl.permute(tl.join(a, b), (0, 2, 1))
+    return tl.reshape(j, (j.shape[0], 2 * j.shape[2]))
+
+
+@triton.jit
+def _lane_pick(v):
+    """``[64 vr, 16 c]`` in the accumulator's order -> ``[4 w, 8 g, 4 t]``: the one value of each
+    thread that the absmax step needs, row ``vr = 16 w + 8 (t >> 1) + g`` at column ``2 t``
+    (thread ``(g, t)`` of warp ``w`` holds rows ``16 w + g, + 8`` at columns ``2 t + e + 8 h``)."""
+    v = tl.reshape(v, (64, 2, 4, 2))  # [vr, h, t, e]
+    v, _e1 = tl.split(v)  # e = 0
+    v = tl.permute(v, (0, 2, 1))  # [vr, t, h]
+    v, _h1 = tl.split(v)  # h = 0
+    v = tl.permute(tl.reshape(v, (4, 2, 8, 4)), (0, 2, 3, 1))  # [w, g, t, i]: vr = (w, i, g)
+    v0, v1 = tl.split(v)
+    t = tl.arange(0, 4)[None, None, :]
+    return tl.where((t >> 1) == 0, v0, v1)
+
+
+@triton.jit
+def _ld_b32(ptrs):
+    """``ld.global.b32`` in the layout the consumer wants: a ``tl.load`` is placed in a coalesced
+    layout of its own, and its values then go through shared memory (three barriers a K step here)."""
+    return tl.inline_asm_elementwise("ld.global.b32 $0, [$1];", "=r,l", [ptrs.to(tl.int64, bitcast=True)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _ld_u8(ptrs):
+    """``ld.global.u8``, zero-extended to int32; see ``_ld_b32``."""
+    return tl.inline_asm_elementwise("ld.global.u8 $0, [$1];", "=r,l", [ptrs.to(tl.int64, bitcast=True)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _absmax_lanes(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, mask, NESTED: tl.constexpr, ASM: tl.constexpr):
+    """``kernels._tl.decode_absmax``: the float32 absmax of blocks ``blk``, 0 where not ``mask``.
+    ASM: the loads as asm, so the values stay in ``blk``'s (the accumulator's) layout; they read
+    block 0 where not ``mask`` (unpredicated: a predicated load costs a branch here)."""
+    if not ASM:
+        return tl.where(mask, decode_absmax(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, mask, NESTED), 0.0)
+    blk = tl.where(mask, blk, 0)
+    if NESTED:
+        level = _ld_b32(ncode_ptr + _ld_u8(absmax_ptr + blk)).to(tl.float32, bitcast=True)
+        a = level * _ld_b32(nabs_ptr + blk // 256).to(tl.float32, bitcast=True) + offset
     else:
-        a0 = decode_absmax(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, row_ok, NESTED)
-        if BLOCKSIZE == 64:  # K % 128 == 64: the halves' blocks are blk and blk + 1, unaligned
-            a1 = decode_absmax(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk + 1, row_ok & half1_ok, NESTED)
-        else:  # a power-of-two block of >= 128 codes holds the whole 128-aligned slice
-            a1 = a0
-    return a0, tl.where(half1_ok, a1, 0.0)
+        a = _ld_b32(absmax_ptr + blk).to(tl.float32, bitcast=True)
+    return tl.where(mask, a, 0.0)
 
 
 @triton.jit
@@ -168,19 +201,24 @@ def _gemv_tc_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DECODE: tl.constexpr,
     HAS_LORA: tl.constexpr, BLOCK_RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
     LEVEL_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, OUT_DTYPE: tl.constexpr,
-    MANUAL_BF16: tl.constexpr, PAIRED: tl.constexpr, GPU_STORE: tl.constexpr, LEVEL_MANUAL_BF16: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, GPU_STORE: tl.constexpr, LEVEL_MANUAL_BF16: tl.constexpr,
 ):
     BN: tl.constexpr = 64
     w_ptr = w_ptr.to(tl.pointer_type(tl.int32))  # the packed bytes, read as 32-bit words
     pid_s = tl.program_id(0)
     pid_g = tl.program_id(1)
     k_base = pid_s * 128
-    # x in virtual k order; column h = half h of the slice, zeros elsewhere (and in columns 2-15)
+    # x in virtual k order, as the MMA's [128, 16] operand: x on half 0 of the slice in columns 0
+    # and 4, on half 1 in columns 2 and 6, zeros elsewhere (column 2 t is thread t's, _lane_pick).
+    # Built by joins, so that each thread holds whole rows of it (two 128-bit shared stores).
     pk = _phys_k(tl.arange(0, 128))
-    col = tl.arange(0, 16)
-    x_ok = ((k_base + pk)[:, None] < K) & ((pk >> 6)[:, None] == col[None, :])
-    xv = tl.load(x_ptr + (k_base + pk)[:, None] * stride_xk + col[None, :] * 0, mask=x_ok, other=0.0)
-    xv = xv.to(DOT_DTYPE)
+    xk = tl.load(x_ptr + (k_base + pk) * stride_xk, mask=(k_base + pk) < K, other=0.0).to(DOT_DTYPE)
+    zero = tl.zeros_like(xk)
+    x0 = tl.where((pk >> 6) == 0, xk, zero)
+    x1 = tl.where((pk >> 6) == 1, xk, zero)
+    x4 = _cat_cols(tl.join(x0, zero), tl.join(x1, zero))
+    x8 = _cat_cols(x4, x4)
+    xv = _cat_cols(x8, tl.zeros_like(x8))
     offset = 0.0
     if NESTED:
         offset = tl.load(offset_ptr)
@@ -189,15 +227,22 @@ def _gemv_tc_kernel(
     offs_w = tl.arange(0, 16)
     w_ok = (k_base + 64 * (offs_w // 8)) < K  # per half slice, so the loads stay 128-bit
     pr = tl.arange(0, BN)  # physical rows of a tile: the words' order
-    prv = _phys_row(tl.arange(0, BN))  # physical row of each virtual row: the accumulator's order
-    tcol = tl.arange(0, 8)
     row0 = pid_g * rows_per_cta
     row_end = tl.minimum(row0 + rows_per_cta, N)
     w_ptrs = w_ptr + (row0 + pr)[:, None].to(tl.int64) * stride_wn + k_base // 8 + offs_w[None, :]
-    blk = (row0 + prv) * nblk + k_base // BLOCKSIZE  # [BN] the first half's block, virtual row order
-    a_ptrs = absmax_ptr + blk
-    half1 = (prv * 0 + k_base + 64) < K  # [BN]; K % 128 == 64: the last slice has one half
-    ws_ptrs = ws_ptr + pid_s * N + (row0 + prv)[:, None] + tcol[None, :] * 0
+    # the absmax step, one value a thread (``_lane_pick``): physical row 32 (t >> 1) + 8 w + g of
+    # the tile, half t & 1 of the slice
+    lw = tl.arange(0, 4)[:, None, None]
+    lg = tl.arange(0, 8)[None, :, None]
+    lt = tl.arange(0, 4)[None, None, :]
+    lrow = 32 * (lt >> 1) + 8 * lw + lg  # [4, 8, 4]
+    half_ok = k_base + 64 * (lt & 1) < K  # K % 128 == 64: the last slice has one half
+    blk = (row0 + lrow) * nblk + (k_base + 64 * (lt & 1)) // BLOCKSIZE
+    # the partial sums, [4 w, 8 g, 2 i] (row 32 i + 8 w + g): stored by the threads t = 2 i, 2 i + 1
+    yrow = 32 * tl.arange(0, 2)[None, None, :] + 8 * tl.arange(0, 4)[:, None, None] + tl.arange(0, 8)[None, :, None]
+    ws_ptrs = ws_ptr + pid_s * N + row0 + yrow
+    # x's shared copy is written above: one barrier here, or Triton puts one before every MMA in the loop
+    tl.debug_barrier()
     for r0 in range(row0, row_end, BN):
         wq = tl.load(w_ptrs, mask=((r0 + pr) < N)[:, None] & w_ok[None, :], other=0)
         lv = _decode_words(wq, code_ptr, lane4, base, p0, p1, p2, p3, p4, p5, p6, p7, DECODE, LEVEL_DTYPE,
@@ -207,17 +252,15 @@ def _gemv_tc_kernel(
             d = tl.dot(wv, xv, input_precision="ieee")
         else:
             d = tl.dot(wv, xv)
-        row_ok = (r0 + prv) < N
-        a0, a1 = _absmax_pair(absmax_ptr, a_ptrs, ncode_ptr, nabs_ptr, blk, offset, row_ok, half1, NESTED, PAIRED, BLOCKSIZE)
-        d0, d1 = tl.split(tl.reshape(d, (BN, 8, 2)))  # columns 2c and 2c + 1; only c = 0 holds data
-        y = d0 * a0[:, None] + d1 * a1[:, None]
-        keep = row_ok[:, None] & (tcol[None, :] == 0)
+        a = _absmax_lanes(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, ((r0 + lrow) < N) & half_ok, NESTED, GPU_STORE)
+        # each thread scales its row's partial over half t & 1; the two halves' threads add
+        y = tl.sum(tl.reshape(_lane_pick(d) * a, (4, 8, 2, 2)), axis=3)
+        keep = (r0 + yrow) < N
         if GPU_STORE:
             _store_f32(ws_ptrs, y, keep)
         else:
             tl.store(ws_ptrs, y, mask=keep)
         w_ptrs += BN * stride_wn
-        a_ptrs += BN * nblk
         blk += BN * nblk
         ws_ptrs += BN
 
