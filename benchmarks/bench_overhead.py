@@ -40,13 +40,15 @@ def _launches_patched_out():
     """Route CPU tensors down the GPU path (streaming GEMV) with every GEMV launch a no-op."""
     from kernels import gemv, matmul
 
-    saved = (gemv._gemv_fma_kernel, gemv._gemv_tc_kernel, gemv._gemv_mma_kernel, matmul.use_triton)
-    gemv._gemv_fma_kernel = gemv._gemv_tc_kernel = gemv._gemv_mma_kernel = _NoLaunch()
+    saved = (gemv._gemv_fma_kernel, gemv._gemv_tc_kernel, gemv._gemv_tcm_kernel, gemv._gemv_mma_kernel,
+             matmul.use_triton)
+    gemv._gemv_fma_kernel = gemv._gemv_tc_kernel = gemv._gemv_tcm_kernel = gemv._gemv_mma_kernel = _NoLaunch()
     matmul.use_triton = lambda t: True
     try:
         yield
     finally:
-        gemv._gemv_fma_kernel, gemv._gemv_tc_kernel, gemv._gemv_mma_kernel, matmul.use_triton = saved
+        (gemv._gemv_fma_kernel, gemv._gemv_tc_kernel, gemv._gemv_tcm_kernel, gemv._gemv_mma_kernel,
+         matmul.use_triton) = saved
 
 
 def _time(fn, calls: int, reps: int) -> list[float]:

@@ -174,6 +174,16 @@ def _fma_matmul(x, qt):
         return kernels.nf4_matmul(x, qt)
 
 
+def _mma_matmul(x, qt):
+    """``nf4_matmul`` for 2 <= M <= 16 on the warpgroup-MMA kernel (W through shared memory)
+    instead of the register-operand one the dispatch picks; timed next to it like ``_fma_matmul``."""
+    import kernels
+    from kernels import gemv
+
+    with gemv.multi_kind("mma"):
+        return kernels.nf4_matmul(x, qt)
+
+
 def matmul(ctx: StepContext) -> dict:
     """Forward (no grad) and forward + backward (dx) of ``x @ W^T`` per shape and M."""
     import kernels
@@ -214,13 +224,16 @@ def matmul(ctx: StepContext) -> dict:
                     if M == 1 and dev.type == "cuda":  # the other M = 1 kernel, to calibrate the choice
                         provs["ours_fma"] = (_fma_matmul, [(x, q) for q in qts])
                         row["ours_fma_rel_err"] = _rel_err(_fma_matmul(x, qt0), y_ref)
-                    for name in ("bnb", "bnb_gemv", "bf16", "ours_fma", "ours"):  # interleaved, peers first
+                    if 1 < M <= 16 and dev.type == "cuda":  # the other 2 <= M <= 16 kernel
+                        provs["ours_mma"] = (_mma_matmul, [(x, q) for q in qts])
+                        row["ours_mma_rel_err"] = _rel_err(_mma_matmul(x, qt0), y_ref)
+                    for name in ("bnb", "bnb_gemv", "bf16", "ours_fma", "ours_mma", "ours"):  # interleaved, peers first
                         if name in provs:
                             fn, sets = provs[name]
                             row.update(timed(cycle(fn, sets)).fields(name))
                             if M in EAGER_MS and dev.type == "cuda" and name != "bnb_gemv":
                                 row.update(timed(cycle(fn, sets), graph=False).fields(f"{name}_eager"))
-                for name in ("ours", "ours_fma", "bnb", "bnb_gemv"):
+                for name in ("ours", "ours_fma", "ours_mma", "bnb", "bnb_gemv"):
                     _rates(row, name, qbytes + act, flops)
                 _rates(row, "bf16", 2 * N * K + act, flops)
                 _speedups(row, "ours", {"bf16": "bf16", "bnb": "bnb"})

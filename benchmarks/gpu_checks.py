@@ -150,6 +150,9 @@ def check_qlora_linear(device, dtype=torch.bfloat16, cases=None, regimes=("auto"
     cases = cases or [
         # (M, N, K, r, bias, layout)
         (1, 4096, 4096, 16, False, "2d"), (3, 1031, 777, 16, True, "2d"), (17, 4096, 4096, 64, True, "3d"),
+        # 2 <= M <= 16: the register-operand GEMV with the pair table (SUB = 16), and with byte
+        # permutes in one slice (K of 8 sub-slices)
+        (16, 4096, 4096, 16, True, "2d"), (4, 14336, 4096, 16, False, "3d"), (5, 1000, 1024, 8, False, "2d"),
         (64, 14336, 4096, 16, False, "2d"), (130, 1031, 777, 8, True, "strided"), (1024, 4096, 4096, 16, True, "2d"),
         (1024, 4096, 14336, 16, False, "2d"), (4096, 4096, 4096, 0, False, "2d"),
         (33, 1031, 777, 16, True, "3d", 0.1), (2048, 4096, 4096, 16, False, "2d", 0.05),

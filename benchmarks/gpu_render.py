@@ -78,7 +78,7 @@ MATMUL_FWD: list[Column] = [
     ("bf16 us [IQR]", us("bf16")), ("bf16 % HBM", pct("bf16_hbm_frac")),
     ("ours us [IQR]", us("ours")), ("ours % HBM", pct("ours_hbm_frac")), ("ours TFLOP/s", val("ours_tflops")),
     ("speed-up vs bf16", times("speedup_vs_bf16")), ("speed-up vs bnb", times("speedup_vs_bnb")),
-    ("M = 1 FMA kernel us", us("ours_fma")),
+    ("M = 1 FMA kernel us", us("ours_fma")), ("M > 1 wgmma-smem kernel us", us("ours_mma")),
     ("eager us: bnb / bf16 / ours", lambda r: " / ".join(_num(r.get(f"{p}_eager_us")) for p in ("bnb", "bf16", "ours"))
      if r.get("ours_eager_us") is not None else ""),
     ("ours rel. err", val("ours_rel_err")),

@@ -16,10 +16,11 @@ hands its address out.
   global table (``pair_table``), each into all 32 lane slots (16 128-bit stores), then ``bar.sync 0``.
   It returns the table's shared address. It must run exactly once per thread, on a scalar, and
   every thread of the program must reach it.
-- ``DECODE_PROGRAM`` (per 32-bit word): for each byte j, its offset ``b_j * 128`` is one shift and one
-  mask (``(w >> (8 j - 7)) & 0x7f80``), then ``| lane * 4``, ``+ base`` and one ``ld.shared.b32``.
-  ptxas folds the constant base into the load, so a byte costs 3 SASS instructions: 1.5 a code,
-  against 2.6 for the register-only byte-permute decoder of ``kernels._decode``.
+- ``DECODE_PROGRAM`` (per 32-bit word): for each byte j, one ``prmt`` extracts it, one ``shl`` + ``add``
+  (a single ``LEA`` in SASS) makes ``b_j * 128 + lane * 4 + base`` from the lane's base register
+  ``lb``, and one ``ld.shared.b32`` reads the pair: 3 SASS instructions a byte, 1.5 a code, against
+  2.6 for the register-only byte-permute decoder of ``kernels._decode``, whatever the kernel's
+  uniform registers hold.
 
 The decode asm reads shared memory, so it is not pure: it stays after the fill's barrier.
 Tests run ``emulate_decode`` (the PTX semantics in numpy) on ``table_image`` (the bytes the fill
@@ -50,21 +51,21 @@ assert TABLE_BYTES % 1024 == 0 and TABLE_BYTES + 1024 < STATIC_BUDGET
 THREADS = 128  # the fill's thread count: 2 entries a thread (kernels using it run 4 warps)
 
 # ---- the decode program, as data ----------------------------------------------------------------
-# Operands: "w" the word, "lane4" = 4 * %laneid, "base" the table's shared address; "o0".."o3" the
-# pairs of bytes 0..3 (elements (0, 1), (2, 3), (4, 5), (6, 7)); "t" a temporary.
+# Operands: "w" the word, "lb" = the table's shared address + 4 * %laneid (this lane's slot); "o0"
+# .."o3" the pairs of bytes 0..3 (elements (0, 1), (2, 3), (4, 5), (6, 7)); "t" a temporary.
 DECODE_PROGRAM: list[tuple] = []
 for _j in range(4):
     DECODE_PROGRAM += [
-        ("shl", "t", "w", 7) if _j == 0 else ("shr", "t", "w", 8 * _j - 7),
-        ("and", "t", "t", 0xFF * LANE_STRIDE),
-        ("or", "t", "t", "lane4"),
-        ("add", "t", "t", "base"),
+        ("prmt", "t", "w", 0x4440 + _j),  # byte j, zero-extended (selector nibbles 4: the zero operand)
+        ("shl", "t", "t", 7),  # * LANE_STRIDE
+        ("add", "t", "t", "lb"),
         ("lds", f"o{_j}", "t"),
     ]
+assert LANE_STRIDE == 1 << 7
 
 
 def _render_decode(program: list[tuple]) -> str:
-    regs = {"o0": "$0", "o1": "$1", "o2": "$2", "o3": "$3", "w": "$4", "lane4": "$5", "base": "$6"}
+    regs = {"o0": "$0", "o1": "$1", "o2": "$2", "o3": "$3", "w": "$4", "lb": "$5"}
 
     def r(name):
         return regs.get(name, f"%{name}")
@@ -74,6 +75,8 @@ def _render_decode(program: list[tuple]) -> str:
         kind = op[0]
         if kind in ("shl", "shr", "and"):
             lines.append(f"{kind}.b32 {r(op[1])}, {r(op[2])}, {op[3]:#x};")
+        elif kind == "prmt":
+            lines.append(f"prmt.b32 {r(op[1])}, {r(op[2])}, 0, {op[3]:#x};")
         elif kind in ("or", "add"):
             ptx = "or.b32" if kind == "or" else "add.u32"
             lines.append(f"{ptx} {r(op[1])}, {r(op[2])}, {r(op[3])};")
@@ -158,12 +161,19 @@ def table_image(pairs: np.ndarray) -> np.ndarray:
 def lookup_addresses(words: np.ndarray, lanes: np.ndarray, base: int = 0) -> np.ndarray:
     """The shared addresses ``DECODE_PROGRAM`` reads (its PTX semantics in numpy) for uint32
     ``words`` decoded by lanes ``lanes`` (same shape), the table at ``base``: uint32 ``[..., 4]``."""
-    regs = {"w": np.asarray(words, dtype=np.uint32), "lane4": (np.asarray(lanes, dtype=np.uint32) * 4),
-            "base": np.uint32(base)}
+    regs = {"w": np.asarray(words, dtype=np.uint32), "lb": np.asarray(lanes, dtype=np.uint32) * 4 + np.uint32(base)}
     addrs = []
     for op in DECODE_PROGRAM:
         kind = op[0]
-        if kind == "shl":
+        if kind == "prmt":  # prmt.b32 d, a, 0, sel: byte i of d is byte sel_i of {a, 0} (4-7: zero)
+            a, sel = regs[op[2]], op[3]
+            out = np.zeros_like(a)
+            for i in range(4):
+                n = (sel >> (4 * i)) & 7
+                if n < 4:
+                    out |= ((a >> np.uint32(8 * n)) & np.uint32(0xFF)) << np.uint32(8 * i)
+            regs[op[1]] = out
+        elif kind == "shl":
             regs[op[1]] = (regs[op[2]].astype(np.uint64) << np.uint64(op[3])).astype(np.uint32)
         elif kind == "shr":
             regs[op[1]] = regs[op[2]] >> np.uint32(op[3])
@@ -210,9 +220,27 @@ def lut_lane4(base):
 
 
 @triton.jit
-def decode8_lds(w, lane4, base, DTYPE: tl.constexpr):
-    """GPU: int32 words -> the levels rounded to DTYPE (bf16/fp16) from the shared table, shape + [8]."""
-    o = tl.inline_asm_elementwise(_DECODE, "=r,=r,=r,=r,r,r,r", [w, lane4, base], dtype=(tl.int32,) * 4,
+def decode8_lds(w, lb, DTYPE: tl.constexpr):
+    """GPU: int32 words -> the levels rounded to DTYPE (bf16/fp16) from the shared table, shape + [8];
+    ``lb`` = the fill's address + ``lut_lane4`` (one register: a table base of its own would sit in a
+    uniform register, which a kernel with many MMA descriptors runs short of)."""
+    o = tl.inline_asm_elementwise(_DECODE, "=r,=r,=r,=r,r,r", [w, lb], dtype=(tl.int32,) * 4,
                                   is_pure=False, pack=1)
     return join8(_lo16(o[0], DTYPE), _hi16(o[0], DTYPE), _lo16(o[1], DTYPE), _hi16(o[1], DTYPE),
                  _lo16(o[2], DTYPE), _hi16(o[2], DTYPE), _lo16(o[3], DTYPE), _hi16(o[3], DTYPE))
+
+
+@triton.jit
+def decode8_lds_scaled(w, lb, am2, DTYPE: tl.constexpr):
+    """GPU: like ``decode8_lds``, each level pair then multiplied by its block's absmax (``am2``
+    from ``kernels._decode.pair16``) with ``mul.rn.{bf16x2,f16x2}``: ``DTYPE(DTYPE(level) *
+    DTYPE(absmax))``, as ``kernels._decode.decode8_prmt_scaled`` rounds it; shape + [8]."""
+    o = tl.inline_asm_elementwise(_DECODE, "=r,=r,=r,=r,r,r", [w, lb], dtype=(tl.int32,) * 4,
+                                  is_pure=False, pack=1)
+    mul: tl.constexpr = "mul.rn.bf16x2 $0, $1, $2;" if DTYPE == tl.bfloat16 else "mul.rn.f16x2 $0, $1, $2;"
+    s0 = tl.inline_asm_elementwise(mul, "=r,r,r", [o[0], am2], dtype=tl.int32, is_pure=True, pack=1)
+    s1 = tl.inline_asm_elementwise(mul, "=r,r,r", [o[1], am2], dtype=tl.int32, is_pure=True, pack=1)
+    s2 = tl.inline_asm_elementwise(mul, "=r,r,r", [o[2], am2], dtype=tl.int32, is_pure=True, pack=1)
+    s3 = tl.inline_asm_elementwise(mul, "=r,r,r", [o[3], am2], dtype=tl.int32, is_pure=True, pack=1)
+    return join8(_lo16(s0, DTYPE), _hi16(s0, DTYPE), _lo16(s1, DTYPE), _hi16(s1, DTYPE),
+                 _lo16(s2, DTYPE), _hi16(s2, DTYPE), _lo16(s3, DTYPE), _hi16(s3, DTYPE))

@@ -65,10 +65,11 @@ from ._decode import (decode8_mixed, decode8_prmt_f32, decode8_prmt_scaled, deco
                       load_planes, planes, verified)
 from ._launch import cdiv, device_guard, next_pow2
 from ._tl import cast_out, finish_split_k_rows, lora_bias_epilogue, manual_bf16, row_epilogue, tl_dtype
-from ._lut import lut_source
+from ._lut import STATIC_BUDGET, TABLE_BYTES, lut_source
 from .dispatch import interpreting
 from .gemv_tc import BLOCK_ROWS as TC_ROWS, SLICE as TC_SLICE, _gemv_tc_kernel
 from .gemv_tc import verified as tc_verified
+from .gemv_tcm import SLICE as TCM_SLICE, _gemv_tcm_kernel
 
 __all__ = ["GEMV_MAX_M", "gemv_kind", "gemv_launch", "gemv_config", "force_decoder", "DECODERS"]
 
@@ -76,10 +77,16 @@ GEMV_MAX_M = 16  # tensor-core tiles pad M to 16; above that the GEMM regimes ta
 GROUP = 64  # codes per thread group / per MMA step: the kernels need K and blocksize multiples of it
 DECODERS = ("auto", "table", "shfl", "mixed", "hybrid", "hybrid_table", "prmt", "lds", "lds_table")
 FMA_DECODERS = ("shfl", "mixed", "hybrid", "hybrid_table")  # forcing one runs M = 1 on the FMA kernel
-KIND_DECODERS = {"fma": ("table",) + FMA_DECODERS, "tc": ("table", "lds", "lds_table"), "mma": ("table", "prmt")}
+KIND_DECODERS = {"fma": ("table",) + FMA_DECODERS, "tc": ("table", "lds", "lds_table"), "mma": ("table", "prmt"),
+                 "tcm": ("table", "prmt", "lds", "lds_table")}
 
 _state = threading.local()
 TC_PER_SM = 4  # tc programs per SM the row grouping aims at
+MULTI_KINDS = ("tcm", "mma")  # the 2 <= M <= 16 kernels; the first is the default (``multi_kind``)
+TCM_SUB = 16  # 128-code sub-slices a tcm program owns on a GPU (x's operands: 4 KB each)
+TCM_SUB_CPU = 2  # and in the interpreter (tests set 1 or 3)
+TCM_X_BYTES = 128 * 16 * 2  # one sub-slice's x operand
+TCM_PER_SM = 4
 
 
 @contextlib.contextmanager
@@ -96,7 +103,21 @@ def force_decoder(name: str):
         _state.decoder = old
 
 
-def gemv_kind(M: int, K: int, blocksize: int, dtype: torch.dtype) -> str | None:
+@contextlib.contextmanager
+def multi_kind(name: str):
+    """Run 2 <= M <= 16 bf16/fp16 problems on ``name`` ('tcm', the default, or 'mma') in this block:
+    the GPU suite times both in one run, so a GPU session checks the choice the model made."""
+    if name not in MULTI_KINDS:
+        raise ValueError(f"the 2 <= M <= 16 kernel must be one of {MULTI_KINDS}, got {name!r}")
+    old = getattr(_state, "multi", MULTI_KINDS[0])
+    _state.multi = name
+    try:
+        yield
+    finally:
+        _state.multi = old
+
+
+def gemv_kind(M: int, K: int, blocksize: int, dtype: torch.dtype, multi: str | None = None) -> str | None:
     """'fma' or 'mma' when a streaming GEMV handles ``x: [M, K]`` against a weight quantized with
     ``blocksize``; None when the problem needs the generic kernels (K not a multiple of 64 and of
     the blocksize, a blocksize below 64, M above ``GEMV_MAX_M``, float32/64 activations with M > 1).
@@ -108,7 +129,7 @@ def gemv_kind(M: int, K: int, blocksize: int, dtype: torch.dtype) -> str | None:
     if M == 1 and dtype == torch.float32:
         return "fma"
     if dtype in (torch.bfloat16, torch.float16):
-        return "mma"
+        return multi or getattr(_state, "multi", MULTI_KINDS[0])
     return None
 
 
@@ -337,7 +358,7 @@ def gemv_config(kind: str, M: int, N: int, K: int, device: torch.device) -> dict
 
 def _make_config(kind: str, M: int, N: int, K: int, gpu: bool) -> dict:
     cpu = not gpu
-    decode = "table" if cpu else {"fma": "shfl", "tc": "lds"}.get(kind, "prmt")
+    decode = "table" if cpu else {"fma": "shfl", "tc": "lds", "tcm": "lds"}.get(kind, "prmt")
     if kind == "tc":
         slices = cdiv(K, TC_SLICE)
         if cpu:
@@ -346,6 +367,17 @@ def _make_config(kind: str, M: int, N: int, K: int, gpu: bool) -> dict:
         rows = cdiv(cdiv(N, groups), TC_ROWS) * TC_ROWS
         # enable_fp_fusion=False: the nested absmax is two roundings, as in kernels._tl (bit-exact)
         return dict(rows_per_cta=rows, SLICES=slices, DECODE=decode, num_warps=4, num_stages=1,
+                    enable_fp_fusion=False)
+    if kind == "tcm":
+        sub = min(TCM_SUB_CPU if cpu else TCM_SUB, cdiv(K, TCM_SLICE))
+        if gpu and 3 < sub <= STATIC_BUDGET // TCM_X_BYTES:
+            decode = "prmt"  # K of 4-12 sub-slices: one slice, no pair table (its 32 KB would not fit)
+        slices = cdiv(K, TCM_SLICE * sub)
+        if cpu:
+            return dict(rows_per_cta=2 * TC_ROWS, SLICES=slices, SUB=sub, DECODE=decode, num_warps=4)
+        groups = max(1, min(cdiv(N, TC_ROWS), TCM_PER_SM * _SMS // slices))
+        rows = cdiv(cdiv(N, groups), TC_ROWS) * TC_ROWS
+        return dict(rows_per_cta=rows, SLICES=slices, SUB=sub, DECODE=decode, num_warps=4, num_stages=1,
                     enable_fp_fusion=False)
     if kind == "fma":
         if cpu:
@@ -393,11 +425,11 @@ def _scratch(device: torch.device, counters: int, ws_floats: int) -> tuple[torch
 
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, n: int, k: int, blocksize: int, nested: bool, x_dtype, out_dtype, rank: int, has_lora: bool,
-          has_bias: bool, gpu: bool, decode: str | None) -> tuple:
+          has_bias: bool, gpu: bool, decode: str | None, multi: str) -> tuple:
     """Everything about a launch that depends only on the problem's shape and flags:
     ``(kind, grid, scalars, constexprs, counters, ws_floats)``. Memoized: the eager decode path
     pays a dictionary lookup, not the config arithmetic."""
-    kind = gemv_kind(M, k, blocksize, x_dtype)
+    kind = gemv_kind(M, k, blocksize, x_dtype, multi)
     if kind is None:
         return (None,) * 6
     if kind == "tc" and decode in FMA_DECODERS:
@@ -420,6 +452,16 @@ def _plan(M: int, n: int, k: int, blocksize: int, nested: bool, x_dtype, out_dty
         groups = cdiv(n, rows)
         meta.update(SPLIT_K=slices > 1, **cfg)
         return kind, (slices, groups), (rows, slices), meta, groups, slices * n if slices > 1 else 0
+    if kind == "tcm":
+        slices, rows = cfg.pop("SLICES"), cfg.pop("rows_per_cta")
+        groups = cdiv(n, rows)
+        dot_dtype = torch.float32 if interp else x_dtype  # the interpreter's bf16 dot is wrong (NOTES §3)
+        meta.update(DOT_DTYPE=tl_dtype(dot_dtype), IEEE=interp, GPU_ASM=not interp, **cfg)
+        if gpu and meta["DECODE"] == "lds" and STATIC_BUDGET - TABLE_BYTES - 1024 < TCM_X_BYTES * meta["SUB"] <= STATIC_BUDGET:
+            # the pair table is 32 KB of static shared memory, and the launch lifts the 48 KB limit
+            # only when Triton's own part (x's SUB operands) exceeds it
+            raise ValueError(f"the tcm GEMV with the shared pair table takes SUB <= 3 or >= 13, got SUB={meta['SUB']}")
+        return kind, (slices, groups), (rows, slices), meta, groups, slices * M * n
     if kind == "tc":
         slices, rows = cfg.pop("SLICES"), cfg.pop("rows_per_cta")
         groups = cdiv(n, rows)
@@ -450,16 +492,18 @@ def gemv_launch(x: torch.Tensor, state: tuple, n: int, k: int, blocksize: int, l
     if gpu and decode is None and not verified(dev, code):
         decode = "table"
     rank = 0 if lora_s is None else lora_s.shape[1]
+    multi = getattr(_state, "multi", MULTI_KINDS[0])
     kind, grid, (p1, p2), meta, counters, ws_floats = _plan(
         M, n, k, blocksize, nabs is not None, x.dtype, out_dtype, rank, lora_s is not None, bias is not None, gpu,
-        decode)
+        decode, multi)
     if kind is None:
         raise ValueError(f"no streaming GEMV for M={M}, K={k}, blocksize={blocksize}, {x.dtype}")
-    if kind == "tc" and gpu and decode is None and not tc_verified(dev, code, x.dtype):
-        # the FMA kernel's shuffle + permute decoder (its own self-check passed above)
+    if kind in ("tc", "tcm") and gpu and decode is None and not tc_verified(dev, code, x.dtype):
+        # the shared-table decode failed its self-check: M = 1 runs the FMA kernel's shuffle + permute
+        # decoder, M > 1 the byte permutes (their own self-check passed above)
         kind, grid, (p1, p2), meta, counters, ws_floats = _plan(
             M, n, k, blocksize, nabs is not None, x.dtype, out_dtype, rank, lora_s is not None, bias is not None, gpu,
-            "hybrid")
+            "hybrid" if kind == "tc" else "prmt", multi)
     out = torch.empty((M, n), dtype=out_dtype, device=dev)
     if n == 0:
         return out
@@ -476,6 +520,10 @@ def gemv_launch(x: torch.Tensor, state: tuple, n: int, k: int, blocksize: int, l
         if meta["num_warps"] != 4:  # the shared table's fill is written for exactly 128 threads
             raise ValueError(f"the tc GEMV runs 4 warps (one warpgroup), got num_warps={meta['num_warps']}")
         pl = lut_source(code, x.dtype) if dec == "lds" else count
+    elif kind == "tcm":
+        if meta["num_warps"] != 4:  # the relabelling is written for one warpgroup
+            raise ValueError(f"the tcm GEMV runs 4 warps (one warpgroup), got num_warps={meta['num_warps']}")
+        pl = lut_source(code, x.dtype) if dec in ("lds", "prmt") else count
     else:
         pl = planes(code, torch.float16 if kind == "fma" else x.dtype) if dec in ("mixed", "hybrid", "prmt") else count
     args = (x, data, absmax, code, absmax if nabs is None else nabs, code if ncode is None else ncode,
@@ -485,6 +533,9 @@ def gemv_launch(x: torch.Tensor, state: tuple, n: int, k: int, blocksize: int, l
             _gemv_fma_kernel[grid](*args, n, k, rank, p1, xk, k // 8, 1, sj, bn, bj, float(scale), p2, **meta)
         elif kind == "tc":
             _gemv_tc_kernel[grid](*args, n, k, rank, p1, xk, k // 8, 1, sj, bn, bj, float(scale), p2, **meta)
+        elif kind == "tcm":
+            _gemv_tcm_kernel[grid](*args, M, n, k, rank, p1, xm, xk, k // 8, n, 1, sm, sj, bn, bj, float(scale), p2,
+                                   **meta)
         else:
             _gemv_mma_kernel[grid](*args, M, n, k, rank, p1, xm, xk, k // 8, n, 1, sm, sj, bn, bj, float(scale), p2,
                                    **meta)

@@ -152,40 +152,53 @@ def _decode_setup(lut_ptr, DECODE: tl.constexpr):
     this lane's slot in it, and the byte planes of the permute-decoded words, read at a per-lane
     address (ptxas then keeps them in vector registers; from one address it keeps some in uniform
     registers and copies one in before every ``prmt``). Zeros for the other decoders."""
-    base = 0
-    lane4 = 0
+    lb = 0
     p0, p1, p2, p3, p4, p5, p6, p7 = 0, 0, 0, 0, 0, 0, 0, 0
     if DECODE == "lds":
         base = lut_fill(lut_ptr)
         lane4 = lut_lane4(base)
+        lb = base + lane4
         pl = lut_ptr + 256 + (lane4 >> 2) * 8
         p0, p1, p2, p3 = tl.load(pl + 0), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3)
         p4, p5, p6, p7 = tl.load(pl + 4), tl.load(pl + 5), tl.load(pl + 6), tl.load(pl + 7)
-    return base, lane4, p0, p1, p2, p3, p4, p5, p6, p7
+    return lb, p0, p1, p2, p3, p4, p5, p6, p7
 
 
 @triton.jit
-def _decode_words(wq, code_ptr, lane4, base, p0, p1, p2, p3, p4, p5, p6, p7, DECODE: tl.constexpr,
-                  LEVEL_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """``[64, 16]`` words -> ``[64, 16, 8]`` levels in LEVEL_DTYPE (element order within a word)."""
-    if DECODE == "table":
-        return cast_out(decode8_table(wq, code_ptr), LEVEL_DTYPE, MANUAL_BF16)
+def _split_words(wq):
+    """``[64, 16]`` words -> words 0-3 of every thread's 4, each ``[64, 4]`` (row, thread group t)."""
     w4 = tl.reshape(wq, (64, 4, 2, 2))  # [pr, t, jh, jl]: word j = 2 jh + jl of thread group t
     ev, od = tl.split(w4)
     w0, w2 = tl.split(ev)
     w1, w3 = tl.split(od)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _join_words(d0, d1, d2, d3):
+    """``_split_words``' inverse on the decoded ``[64, 4, 8]`` -> ``[64, 16, 8]``."""
+    j = tl.join(tl.join(d0, d1), tl.join(d2, d3))  # [pr, t, e, jl, jh]
+    return tl.reshape(tl.permute(j, (0, 1, 4, 3, 2)), (64, 16, 8))
+
+
+@triton.jit
+def _decode_words(wq, code_ptr, lb, p0, p1, p2, p3, p4, p5, p6, p7, DECODE: tl.constexpr,
+                  LEVEL_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """``[64, 16]`` words -> ``[64, 16, 8]`` levels in LEVEL_DTYPE (element order within a word)."""
+    if DECODE == "table":
+        return cast_out(decode8_table(wq, code_ptr), LEVEL_DTYPE, MANUAL_BF16)
+    w0, w1, w2, w3 = _split_words(wq)
     if DECODE == "lds":
-        d0 = decode8_lds(w0, lane4, base, LEVEL_DTYPE)
-        d1 = decode8_lds(w1, lane4, base, LEVEL_DTYPE)
-        d2 = decode8_lds(w2, lane4, base, LEVEL_DTYPE)
+        d0 = decode8_lds(w0, lb, LEVEL_DTYPE)
+        d1 = decode8_lds(w1, lb, LEVEL_DTYPE)
+        d2 = decode8_lds(w2, lb, LEVEL_DTYPE)
         d3 = decode8_prmt(w3, p0, p1, p2, p3, p4, p5, p6, p7, LEVEL_DTYPE)
     else:  # 'lds_table': the same split and re-join, plain decoder (CPU)
         d0 = cast_out(decode8_table(w0, code_ptr), LEVEL_DTYPE, MANUAL_BF16)
         d1 = cast_out(decode8_table(w1, code_ptr), LEVEL_DTYPE, MANUAL_BF16)
         d2 = cast_out(decode8_table(w2, code_ptr), LEVEL_DTYPE, MANUAL_BF16)
         d3 = cast_out(decode8_table(w3, code_ptr), LEVEL_DTYPE, MANUAL_BF16)
-    j = tl.join(tl.join(d0, d1), tl.join(d2, d3))  # [pr, t, e, jl, jh]
-    return tl.reshape(tl.permute(j, (0, 1, 4, 3, 2)), (64, 16, 8))
+    return _join_words(d0, d1, d2, d3)
 
 
 @triton.jit
@@ -222,7 +235,7 @@ def _gemv_tc_kernel(
     offset = 0.0
     if NESTED:
         offset = tl.load(offset_ptr)
-    base, lane4, p0, p1, p2, p3, p4, p5, p6, p7 = _decode_setup(lut_ptr, DECODE)
+    lb, p0, p1, p2, p3, p4, p5, p6, p7 = _decode_setup(lut_ptr, DECODE)
     nblk = K // BLOCKSIZE
     offs_w = tl.arange(0, 16)
     w_ok = (k_base + 64 * (offs_w // 8)) < K  # per half slice, so the loads stay 128-bit
@@ -245,7 +258,7 @@ def _gemv_tc_kernel(
     tl.debug_barrier()
     for r0 in range(row0, row_end, BN):
         wq = tl.load(w_ptrs, mask=((r0 + pr) < N)[:, None] & w_ok[None, :], other=0)
-        lv = _decode_words(wq, code_ptr, lane4, base, p0, p1, p2, p3, p4, p5, p6, p7, DECODE, LEVEL_DTYPE,
+        lv = _decode_words(wq, code_ptr, lb, p0, p1, p2, p3, p4, p5, p6, p7, DECODE, LEVEL_DTYPE,
                            LEVEL_MANUAL_BF16)
         wv = _to_virtual(lv.to(DOT_DTYPE))
         if IEEE:
@@ -282,8 +295,8 @@ def _probe_kernel(w_ptr, code_ptr, lut_ptr, out_ptr, DECODE: tl.constexpr, LEVEL
     base_i = tl.program_id(0) * 1024
     i = base_i + tl.arange(0, 64)[:, None] * 16 + tl.arange(0, 16)[None, :]
     wq = tl.load(w_ptr + i)
-    base, lane4, p0, p1, p2, p3, p4, p5, p6, p7 = _decode_setup(lut_ptr, DECODE)
-    lv = _decode_words(wq, code_ptr, lane4, base, p0, p1, p2, p3, p4, p5, p6, p7, DECODE, LEVEL_DTYPE, False)
+    lb, p0, p1, p2, p3, p4, p5, p6, p7 = _decode_setup(lut_ptr, DECODE)
+    lv = _decode_words(wq, code_ptr, lb, p0, p1, p2, p3, p4, p5, p6, p7, DECODE, LEVEL_DTYPE, False)
     tl.store(out_ptr + i[:, :, None] * 8 + tl.arange(0, 8)[None, None, :], lv.to(tl.float32))
 
 

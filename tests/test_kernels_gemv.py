@@ -42,11 +42,85 @@ def test_streaming_gemv_forward_and_gradients_match_reference(device, case, monk
     assert launched, "the decode regime did not take an aligned problem"
 
 
+MULTI = [c for c in CASES if c[0] > 1]
+
+
+@pytest.mark.parametrize("case", MULTI, ids=[_id(c) for c in MULTI])
+def test_the_warpgroup_mma_kernel_still_matches_the_reference(device, case):
+    """2 <= M <= 16 runs the register-operand kernel ('tcm'); the GPU suite times the warpgroup-MMA
+    one ('mma') next to it, so it stays proven too."""
+    with gemv.multi_kind("mma"):
+        run_case(device, *case, regime="auto")
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_tcm_word_split_scaling_and_rejoin_keep_every_weight_in_place(device, nested, monkeypatch):
+    """The GPU's 'lds' decoder of the 2 <= M <= 16 register-operand GEMV splits each thread's
+    4-word groups 3:1 between the shared pair table and the byte permutes, scales each by its own
+    block's absmax and joins them back; 'lds_table' runs that split, scaling and re-join with the
+    plain decoder. The shapes cross a partial last sub-slice (K % 256 = 64), two row groups, more
+    than 256 blocks (a second nested scale), blocksizes 128 and 256, LoRA and bias."""
+    if not kernels.dispatch.use_triton(torch.zeros(1, device=device)):
+        pytest.skip("reference backend")
+    seen = []
+    monkeypatch.setattr(gemv, "_gemv_tcm_kernel", _Spy(gemv._gemv_tcm_kernel, seen))
+    with gemv.force_decoder("lds_table"):
+        run_case(device, 3, 40, 320, 8, True, 0.0, 64, nested, "nf4", False, False, torch.bfloat16, regime="auto")
+        run_case(device, 16, 200, 256, 0, False, 0.0, 64, nested, "nf4", False, True, torch.float16, regime="auto")
+        run_case(device, 4, 33, 512, 4, True, 0.0, 256, nested, "fp4", True, False, torch.bfloat16, regime="auto")
+        run_case(device, 2, 24, 384, 0, False, 0.0, 128, nested, "nf4", False, False, torch.float16, regime="auto")
+    assert seen and set(seen) == {"lds_table"}
+
+
+@pytest.mark.parametrize("sub", [1, 3])
+def test_tcm_sub_slices_per_program(device, sub, monkeypatch):
+    """A program owns SUB sub-slices of 128 codes (16 on a GPU, 2 in the interpreter): 1 and 3 give
+    the same result within the bound, with 1, 2 or several programs per row group."""
+    if not kernels.dispatch.use_triton(torch.zeros(1, device=device)):
+        pytest.skip("reference backend")
+    monkeypatch.setattr(gemv, "TCM_SUB_CPU", sub)
+    gemv._plan.cache_clear()
+    try:
+        assert gemv._plan(5, 40, 448, 64, True, torch.bfloat16, torch.bfloat16, 0, False, False, False, None,
+                          "tcm")[3]["SUB"] == sub
+        run_case(device, 5, 40, 448, 4, True, 0.0, 64, True, "nf4", False, False, torch.bfloat16, regime="auto")
+    finally:
+        gemv._plan.cache_clear()
+
+
+def test_tcm_shared_memory_rule(monkeypatch):
+    """With the pair table (32 KB of static shared memory) x's SUB operands must fit the rest of
+    48 KB or exceed 48 KB (then the launch lifts the limit): SUB 4-12 is refused, K of 4-12
+    sub-slices decodes by byte permutes instead (one slice, no table)."""
+    plan = gemv._plan
+    gemv._plan.cache_clear()
+    try:
+        for k, sub, dec in ((4096, 16, "lds"), (1024, 8, "prmt"), (384, 3, "lds"), (2048, 16, "lds")):
+            meta = plan(16, 4096, k, 64, True, torch.bfloat16, torch.bfloat16, 0, False, False, True, None, "tcm")[3]
+            assert (meta["SUB"], meta["DECODE"]) == (sub, dec), k
+        monkeypatch.setattr(gemv, "TCM_SUB", 8)
+        gemv._plan.cache_clear()
+        meta = plan(16, 4096, 4096, 64, True, torch.bfloat16, torch.bfloat16, 0, False, False, True, None, "tcm")[3]
+        assert (meta["SUB"], meta["DECODE"]) == (8, "prmt")
+        with pytest.raises(ValueError, match="SUB <= 3 or >= 13"):  # the table forced
+            plan(16, 4096, 4096, 64, True, torch.bfloat16, torch.bfloat16, 0, False, False, True, "lds", "tcm")
+    finally:
+        gemv._plan.cache_clear()
+
+
 def test_which_problems_the_streaming_gemv_takes():
     assert gemv.gemv_kind(1, 4096, 64, torch.bfloat16) == "tc"  # tensor cores, shared pair table
     assert gemv.gemv_kind(1, 4096, 64, torch.float16) == "tc"
     assert gemv.gemv_kind(1, 4096, 64, torch.float32) == "fma"  # exact levels, float32 FMA
-    assert gemv.gemv_kind(16, 14336, 64, torch.float16) == "mma"
+    assert gemv.gemv_kind(16, 14336, 64, torch.float16) == "tcm"  # register operand, x's tokens as columns
+    assert gemv.gemv_kind(2, 4096, 64, torch.bfloat16) == "tcm"
+    assert gemv.gemv_kind(16, 4096, 64, torch.bfloat16, multi="mma") == "mma"  # W through shared memory
+    with gemv.multi_kind("mma"):
+        assert gemv.gemv_kind(4, 4096, 64, torch.bfloat16) == "mma"
+    assert gemv.gemv_kind(4, 4096, 64, torch.bfloat16) == "tcm"
+    with pytest.raises(ValueError, match="one of"):
+        with gemv.multi_kind("wgmma"):
+            pass
     assert gemv.gemv_kind(17, 4096, 64, torch.bfloat16) is None  # above GEMV_MAX_M: GEMM regimes
     assert gemv.gemv_kind(4, 4096, 64, torch.float32) is None  # fp32 tensor cores would round (TF32)
     assert gemv.gemv_kind(1, 4100, 64, torch.bfloat16) is None  # K not a multiple of 64

@@ -98,11 +98,13 @@ def test_lut_source_layout_and_cache(dtype):
 def test_the_rendered_ptx_is_the_program():
     """DECODE_PTX is generated from DECODE_PROGRAM (which the emulator runs): parse it back."""
     ops = {"shl.b32": "shl", "shr.b32": "shr", "and.b32": "and", "or.b32": "or", "add.u32": "add"}
-    regs = {"$0": "o0", "$1": "o1", "$2": "o2", "$3": "o3", "$4": "w", "$5": "lane4", "$6": "base", "%t": "t"}
+    regs = {"$0": "o0", "$1": "o1", "$2": "o2", "$3": "o3", "$4": "w", "$5": "lb", "%t": "t"}
     parsed = []
     for line in _lut.DECODE_PTX.splitlines():
         m = re.fullmatch(r"(\S+) (\S+), (\S+), (\S+);", line)
-        if m and m.group(1) in ops:
+        if (p := re.fullmatch(r"prmt\.b32 (\S+), (\S+), 0, (0x[0-9a-f]+);", line)):
+            parsed.append(("prmt", regs[p.group(1)], regs[p.group(2)], int(p.group(3), 16)))
+        elif m and m.group(1) in ops:
             c = m.group(4)
             parsed.append((ops[m.group(1)], regs[m.group(2)], regs[m.group(3)],
                            int(c, 16) if c.startswith("0x") else regs[c]))

@@ -65,6 +65,18 @@ ADAPTERS = {
         cold_fraction=lambda a: 1.0 / a["SLICES"],
         cold_loop_trips=lambda a: (cdiv(min(a["rows_per_cta"], a["N"]), 64),
                                    a["SLICES"] * cdiv(min(a["rows_per_cta"], a["N"]), 64))),
+    # kernels/gemv_tcm.py, 2 <= M <= 16 bf16/fp16: program (k-slice of 128 SUB codes, row group)
+    # loops over its rows 64 at a time, SUB [64, 128] x [128, 16] register-operand MMA chains each;
+    # the last of a row group's SLICES programs reduces the [16, 64] partials
+    "_gemv_tcm_kernel": KernelAdapter(
+        weight_param="w_ptr",
+        weights_per_iter=lambda a: 64 * 128 * a["SUB"],
+        iters=lambda a: cdiv(min(a["rows_per_cta"], a["N"]), 64),
+        flops=lambda a: 2 * 64 * 16 * 128 * a["SUB"] * cdiv(min(a["rows_per_cta"], a["N"]), 64),
+        variant_keys=("SUB", "DECODE"),
+        cold_fraction=lambda a: 1.0 / a["SLICES"],
+        cold_loop_trips=lambda a: (cdiv(min(a["rows_per_cta"], a["N"]), 64),
+                                   a["SLICES"] * cdiv(min(a["rows_per_cta"], a["N"]), 64))),
     # kernels/gemv.py, 2 <= M <= 16: program (row tile, split) loops over its K range 64 at a time;
     # the dot is [64, 64] x [64, BLOCK_N] (x's rows padded to 64, the warpgroup MMA's minimum)
     "_gemv_mma_kernel": KernelAdapter(

@@ -82,6 +82,18 @@ def compile_cases():
 
     from kernels import gemv_tc
 
+    for dec in ("lds", "prmt", "table"):  # the 2 <= M <= 16 register-operand GEMV (SUB = 16 at K = 2048)
+        for dt in (torch.bfloat16, torch.float16):
+            for nested in (True, False):
+                def forced_m(dec=dec, dt=dt, nested=nested):
+                    with gemv.force_decoder(dec):
+                        linear(16, 256, 2048, 16, True, 0.0, nested, dt, "gemv")
+                cases.append((f"gemv M=16 K=2048 decoder={dec} {dt} nested={nested}", forced_m))
+
+    def mma_kernel():
+        with gemv.multi_kind("mma"):
+            linear(16, 256, 512, 16, True, 0.0, True, torch.bfloat16, "gemv")
+    cases.append(("gemv M=16 warpgroup-MMA kernel", mma_kernel))
     for dec in ("shfl", "mixed", "table", "hybrid", "lds"):  # every M = 1 decoder, forced
         for dt in (torch.bfloat16, torch.float16):
             def forced(dec=dec, dt=dt):
