@@ -308,18 +308,17 @@ def test_committed_perf_model_json_follows_the_schema():
         assert "predicted" in f.read()
 
 
-# What the committed model shows for the decode regime (issue 13's budget, and where it falls short).
+# What the committed model shows for the decode regime: issue 13's budget, met on every shape.
 # These assertions fail only after the JSON is regenerated: after a kernel change, rerun the model
-# (README, "Performance"). Met on every shape: <= 3.5 instructions a weight at M = 1 (the tensor-core
-# GEMV with the shared pair table: 3.2 nested absmax / 2.7 fp32), <= 128 registers, no spills,
-# 128-bit loads of the packed codes, one launch a call, >= 2.5x a bf16 GEMV at M = 1, and a training
-# step >= 0.9x a bf16 LoRA step; dequantize >= 0.85 of HBM. NOT met everywhere (the numbers are the
-# floor the committed kernels reach, see README): HBM fraction >= 0.80 at M = 1 (0.73-0.95) and
-# >= 2.5x bf16 at M = 16 (2.2-2.9).
+# (README, "Performance"). At M = 1 (the tensor-core GEMV with the shared pair table, 2.7
+# instructions a weight nested / 2.6 fp32 absmax): <= 3.5 instructions a weight, <= 128 registers,
+# no spills, 128-bit loads of the packed codes, one launch a call, HBM fraction >= 0.80 (0.81-0.95),
+# >= 2.5x a bf16 GEMV. At M = 16 (the register-operand 'tcm' GEMV): >= 2.5x bf16 (2.65-3.33), no
+# spills. Dequantize >= 0.85 of HBM; a training step >= 0.9x a bf16 LoRA step.
 M1_INSTR_PER_WEIGHT_MAX = 3.5
-M1_HBM_FRACTION_MIN = 0.72
+M1_HBM_FRACTION_MIN = 0.80
 M1_VS_BF16_MIN = 2.5
-M16_VS_BF16_MIN = 2.2
+M16_VS_BF16_MIN = 2.5
 
 
 def _rows(report, kernel, M):
@@ -338,7 +337,9 @@ def test_committed_model_meets_the_decode_budget():
         assert r["thread_instr_per_weight"] <= M1_INSTR_PER_WEIGHT_MAX, where
         assert r["predicted_hbm_fraction"] >= M1_HBM_FRACTION_MIN, where
         assert r["predicted_vs_bf16"] >= M1_VS_BF16_MIN, where
-    for r in _rows(report, "gemv", 16):
+    m16 = _rows(report, "gemv", 16)
+    assert len(m16) == 8
+    for r in m16:
         assert r["spills"] == 0 and r["code_ldg_bits"] == 128 and r["n_launches"] == 1
         assert r["predicted_vs_bf16"] >= M16_VS_BF16_MIN, (r["N"], r["K"], r["nested"])
     for r in _rows(report, "dequant", 0):
