@@ -1,7 +1,7 @@
 """Decode regime (M <= ``GEMV_MAX_M`` rows), forward orientation ``y = x Wᵀ``: GEMVs that stream
 the packed weight once, with 128-bit loads, and reduce split-K inside the launch.
 
-Three kernels, all for K and the blocksize multiples of 64 (every 64-code group of a row lies in
+Four kernels, all for K and the blocksize multiples of 64 (every 64-code group of a row lies in
 one absmax block; ``gemv_kind`` says which problems qualify):
 
 ``_gemv_tc_kernel`` (M = 1, bf16/fp16; ``kernels.gemv_tc``) — x-stationary, row-streaming, the
@@ -21,8 +21,14 @@ kernel's decode fails its GPU self-check) — x-stationary, row-streaming, float
         y_s = sum_k v * xs * absmax[row, block]        # one absmax decode per 64 codes
         ws[s, rows] = y_s          (or, with one slice, the epilogue and the output directly)
 
-``_gemv_mma_kernel`` (2 <= M <= 16, bf16/fp16) — a Hopper warpgroup MMA with x's rows padded to 64
-and the decoded weight as the operand read from shared memory::
+``_gemv_tcm_kernel`` (2 <= M <= 16, bf16/fp16; ``kernels.gemv_tcm``, the default) — the M = 1
+kernel's register-operand relabelling with x's tokens as the MMA's 16 columns, the weight scaled by
+its block's absmax in registers, 16 sub-slices of 128 codes a program. The model's fastest M > 1
+kernel on every shape.
+
+``_gemv_mma_kernel`` (2 <= M <= 16, bf16/fp16, under ``multi_kind("mma")``; the GPU suite times it
+next to the default) — a Hopper warpgroup MMA with x's rows padded to 64 and the decoded weight as
+the operand read from shared memory::
 
     grid = (row tiles, SPLIT); program (i, s) owns a K range
     for each 64-code block of its range:
@@ -47,7 +53,8 @@ byte permutes; 'lds_table' is its CPU test), 'shfl'
 bf16/fp16 x: three words of every four by shuffle, the fourth by byte permutes on fp16 levels; the
 shuffles' MIO path bounds the exact decoder and the permutes' ALU work bounds the other, and 3:1
 balances the two), 'mixed' (half by each: an alternative the model ranks below 'hybrid'), 'prmt'
-(MMA kernel on the GPU: byte permutes give bf16/fp16 levels, as bitsandbytes' kernels round them).
+(MMA kernels on the GPU: byte permutes give bf16/fp16 levels, as bitsandbytes' kernels round them;
+the tcm kernel's 'lds' scales the table's pairs the same way, 'lds_table' is its CPU test).
 Layers: kernels -> ``gemv_launch`` (called by ``kernels.matmul``).
 """
 
