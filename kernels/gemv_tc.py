@@ -123,7 +123,8 @@ def _ld_u8(ptrs):
 @triton.jit
 def _absmax_lanes(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, mask, NESTED: tl.constexpr, ASM: tl.constexpr):
     """``kernels._tl.decode_absmax``: the float32 absmax of blocks ``blk``, 0 where not ``mask``.
-    ASM: the loads as asm, so the values stay in ``blk``'s (the accumulator's) layout; they read
+    ASM: the loads as asm, so the values stay in ``blk``'s layout (this kernel's accumulator, the
+    tcm kernel's words); they read
     block 0 where not ``mask`` (unpredicated: a predicated load costs a branch here)."""
     if not ASM:
         return tl.where(mask, decode_absmax(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, mask, NESTED), 0.0)
@@ -144,6 +145,16 @@ def _store_f32(ptrs, v, mask):
     return tl.inline_asm_elementwise(
         "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.f32 [$1], $2; mov.b32 $0, 0; }",
         "=r,l,f,r", [ptrs.to(tl.int64, bitcast=True), v, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _store_partials(ptrs, v, mask, ASM: tl.constexpr):
+    """The split-K partials where ``mask``: ``_store_f32`` in place on a GPU, ``tl.store`` in the
+    interpreter (which runs no asm)."""
+    if ASM:
+        _store_f32(ptrs, v, mask)
+    else:
+        tl.store(ptrs, v, mask=mask)
 
 
 @triton.jit
@@ -268,11 +279,7 @@ def _gemv_tc_kernel(
         a = _absmax_lanes(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, ((r0 + lrow) < N) & half_ok, NESTED, GPU_STORE)
         # each thread scales its row's partial over half t & 1; the two halves' threads add
         y = tl.sum(tl.reshape(_lane_pick(d) * a, (4, 8, 2, 2)), axis=3)
-        keep = (r0 + yrow) < N
-        if GPU_STORE:
-            _store_f32(ws_ptrs, y, keep)
-        else:
-            tl.store(ws_ptrs, y, mask=keep)
+        _store_partials(ws_ptrs, y, (r0 + yrow) < N, GPU_STORE)
         w_ptrs += BN * stride_wn
         blk += BN * nblk
         ws_ptrs += BN

@@ -34,10 +34,9 @@ import triton
 import triton.language as tl
 
 from ._decode import decode8_prmt_scaled, decode8_table, pair16
-from ._tl import cast_out, decode_absmax, lora_bias_epilogue
 from ._lut import decode8_lds_scaled
-from .gemv_tc import (_decode_setup, _join_words, _ld_b32, _ld_u8, _phys_row, _split_words, _store_f32,
-                      _to_virtual)
+from ._tl import cast_out, lora_bias_epilogue
+from .gemv_tc import _absmax_lanes, _decode_setup, _join_words, _phys_row, _split_words, _store_partials, _to_virtual
 
 DECODERS = ("table", "prmt", "lds", "lds_table")
 BLOCK_ROWS = 64  # one warpgroup's MMA tile
@@ -62,21 +61,6 @@ def _lane_planes(lut_ptr, pid):
     pl = lut_ptr + 256 + lane * 8
     return (tl.load(pl + 0), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3),
             tl.load(pl + 4), tl.load(pl + 5), tl.load(pl + 6), tl.load(pl + 7))
-
-
-@triton.jit
-def _absmax_words(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, mask, NESTED: tl.constexpr, ASM: tl.constexpr):
-    """The float32 absmax of blocks ``blk`` (0 where not ``mask``); ASM: asm loads of a clamped
-    block, which stay in ``blk``'s layout (see ``kernels.gemv_tc._absmax_lanes``)."""
-    if not ASM:
-        return tl.where(mask, decode_absmax(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, mask, NESTED), 0.0)
-    blk = tl.where(mask, blk, 0)
-    if NESTED:
-        level = _ld_b32(ncode_ptr + _ld_u8(absmax_ptr + blk)).to(tl.float32, bitcast=True)
-        a = level * _ld_b32(nabs_ptr + blk // 256).to(tl.float32, bitcast=True) + offset
-    else:
-        a = _ld_b32(absmax_ptr + blk).to(tl.float32, bitcast=True)
-    return tl.where(mask, a, 0.0)
 
 
 @triton.jit
@@ -168,17 +152,13 @@ def _gemv_tcm_kernel(
             wq = tl.load(w_ptrs + 16 * j, mask=row_ok[:, None] & k_ok[None, :], other=0)
             half_ok = row_ok[:, None] & ((k_base + 128 * j + 64 * half) < K)
             blk = blk_row + (k_base + 128 * j + 64 * half) // BLOCKSIZE
-            am = _absmax_words(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, half_ok, NESTED, GPU_ASM)
+            am = _absmax_lanes(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, half_ok, NESTED, GPU_ASM)
             wv = _weights(wq, am, code_ptr, lb, p0, p1, p2, p3, p4, p5, p6, p7, DECODE, DOT_DTYPE)
             if IEEE:
                 d = tl.dot(wv, xs[j], d, input_precision="ieee")
             else:
                 d = tl.dot(wv, xs[j], d)
-        keep = ((r0 + vrow) < N)[:, None] & (tok[None, :] < M)
-        if GPU_ASM:
-            _store_f32(ws_ptrs, d, keep)
-        else:
-            tl.store(ws_ptrs, d, mask=keep)
+        _store_partials(ws_ptrs, d, ((r0 + vrow) < N)[:, None] & (tok[None, :] < M), GPU_ASM)
         w_ptrs += BN * stride_wn
         blk_row += BN * nblk
         ws_ptrs += BN
