@@ -125,7 +125,7 @@ def multi_kind(name: str):
 
 
 def gemv_kind(M: int, K: int, blocksize: int, dtype: torch.dtype, multi: str | None = None) -> str | None:
-    """'fma' or 'mma' when a streaming GEMV handles ``x: [M, K]`` against a weight quantized with
+    """'tc', 'fma', 'tcm' or 'mma' when a streaming GEMV handles ``x: [M, K]`` against a weight quantized with
     ``blocksize``; None when the problem needs the generic kernels (K not a multiple of 64 and of
     the blocksize, a blocksize below 64, M above ``GEMV_MAX_M``, float32/64 activations with M > 1).
     Every LLM projection (K = 4096, 14336, ..., blocksize 64) qualifies."""
@@ -464,10 +464,16 @@ def _plan(M: int, n: int, k: int, blocksize: int, nested: bool, x_dtype, out_dty
         groups = cdiv(n, rows)
         dot_dtype = torch.float32 if interp else x_dtype  # the interpreter's bf16 dot is wrong (NOTES §3)
         meta.update(DOT_DTYPE=tl_dtype(dot_dtype), IEEE=interp, GPU_ASM=not interp, **cfg)
-        if gpu and meta["DECODE"] == "lds" and STATIC_BUDGET - TABLE_BYTES - 1024 < TCM_X_BYTES * meta["SUB"] <= STATIC_BUDGET:
-            # the pair table is 32 KB of static shared memory, and the launch lifts the 48 KB limit
-            # only when Triton's own part (x's SUB operands) exceeds it
-            raise ValueError(f"the tcm GEMV with the shared pair table takes SUB <= 3 or >= 13, got SUB={meta['SUB']}")
+        # the pair table is 32 KB of static shared memory, and the launch lifts the 48 KB limit only
+        # when Triton's own part (x's SUB operands, and the LoRA epilogue's dot: ~160 B a rank
+        # column, counted on top to be safe) exceeds it
+        own = TCM_X_BYTES * meta["SUB"] + (160 * meta["BLOCK_RANK"] if has_lora else 0)
+        if (gpu or not interp) and meta["DECODE"] == "lds" and STATIC_BUDGET - TABLE_BYTES - 1024 < own <= STATIC_BUDGET:
+            if decode is None:
+                meta["DECODE"] = "prmt"  # no table: byte permutes only
+            else:
+                raise ValueError(f"the tcm GEMV with the shared pair table takes SUB <= 3 or >= 13 (and a small "
+                                 f"LoRA rank with SUB <= 3), got SUB={meta['SUB']}, rank {rank}")
         return kind, (slices, groups), (rows, slices), meta, groups, slices * M * n
     if kind == "tc":
         slices, rows = cfg.pop("SLICES"), cfg.pop("rows_per_cta")

@@ -13,8 +13,9 @@ Where it differs from the M = 1 kernel:
   ``[128, 16]`` operands are staged in shared memory once, and each row tile runs SUB MMA chains
   into one accumulator. The split-K partials (``[SLICES, M, N]`` float32) shrink by SUB: with one
   slice a program they would double the bytes the GEMV moves.
-- **Register-only decode** ('prmt', the byte permutes of ``kernels._decode``): the pair table's 32
-  KB of static shared memory would leave x's operands at most 15 KB.
+- **Decode** 'lds' (the pair table, 3 words in 4, each pair scaled by ``mul.rn``) with SUB = 16: x's
+  64 KB of operands exceed 48 KB, so the launch lifts the limit for the table's 32 KB static part
+  too; 'prmt' (byte permutes only) where the table would not fit (4-12 sub-slices, a large LoRA rank).
 
     grid = (k-slices, row groups); program (s, g) owns codes [128 SUB s, 128 SUB (s + 1))
     xs[j] = x[:, sub-slice j]ᵀ in virtual k order, [128, 16]    (SUB shared-memory operands)

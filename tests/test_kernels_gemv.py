@@ -98,6 +98,11 @@ def test_tcm_shared_memory_rule(monkeypatch):
         for k, sub, dec in ((4096, 16, "lds"), (1024, 8, "prmt"), (384, 3, "lds"), (2048, 16, "lds")):
             meta = plan(16, 4096, k, 64, True, torch.bfloat16, torch.bfloat16, 0, False, False, True, None, "tcm")[3]
             assert (meta["SUB"], meta["DECODE"]) == (sub, dec), k
+        # a large LoRA rank's epilogue dot needs shared memory too: at SUB <= 3 the table no longer fits
+        meta = plan(16, 4096, 256, 64, True, torch.bfloat16, torch.bfloat16, 128, True, False, True, None, "tcm")[3]
+        assert (meta["SUB"], meta["DECODE"]) == (2, "prmt")
+        meta = plan(16, 4096, 256, 64, True, torch.bfloat16, torch.bfloat16, 8, True, False, True, None, "tcm")[3]
+        assert (meta["SUB"], meta["DECODE"]) == (2, "lds")
         monkeypatch.setattr(gemv, "TCM_SUB", 8)
         gemv._plan.cache_clear()
         meta = plan(16, 4096, 4096, 64, True, torch.bfloat16, torch.bfloat16, 0, False, False, True, None, "tcm")[3]

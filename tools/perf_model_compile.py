@@ -90,6 +90,10 @@ def compile_cases():
                         linear(16, 256, 2048, 16, True, 0.0, nested, dt, "gemv")
                 cases.append((f"gemv M=16 K=2048 decoder={dec} {dt} nested={nested}", forced_m))
 
+    for r in (8, 128, 256):  # K = 256 (SUB = 2): the table with a small rank, byte permutes with a large one
+        cases.append((f"gemv M=4 K=256 r={r}", lambda r=r: linear(4, 256, 256, r, True, 0.0, True, torch.bfloat16,
+                                                                   "gemv")))
+
     def mma_kernel():
         with gemv.multi_kind("mma"):
             linear(16, 256, 512, 16, True, 0.0, True, torch.bfloat16, "gemv")
