@@ -162,13 +162,17 @@ def _decode_setup(lut_ptr, DECODE: tl.constexpr):
     """Once per program, for 'lds': fill the shared pair table (every thread, straight-line code),
     this lane's slot in it, and the byte planes of the permute-decoded words, read at a per-lane
     address (ptxas then keeps them in vector registers; from one address it keeps some in uniform
-    registers and copies one in before every ``prmt``). Zeros for the other decoders."""
+    registers and copies one in before every ``prmt``). 'prmt' (the tcm kernel): the planes only.
+    Zeros for the other decoders."""
     lb = 0
     p0, p1, p2, p3, p4, p5, p6, p7 = 0, 0, 0, 0, 0, 0, 0, 0
-    if DECODE == "lds":
-        base = lut_fill(lut_ptr)
-        lane4 = lut_lane4(base)
-        lb = base + lane4
+    if DECODE == "lds" or DECODE == "prmt":
+        if DECODE == "lds":
+            base = lut_fill(lut_ptr)
+            lane4 = lut_lane4(base)
+            lb = base + lane4
+        else:
+            lane4 = lut_lane4(tl.program_id(0))
         pl = lut_ptr + 256 + (lane4 >> 2) * 8
         p0, p1, p2, p3 = tl.load(pl + 0), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3)
         p4, p5, p6, p7 = tl.load(pl + 4), tl.load(pl + 5), tl.load(pl + 6), tl.load(pl + 7)

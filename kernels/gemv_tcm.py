@@ -55,16 +55,6 @@ def _x_virtual(xp):
 
 
 @triton.jit
-def _lane_planes(lut_ptr, pid):
-    """The eight byte planes from this lane's copy (``kernels._lut.lut_source``: 256 pairs, then
-    32 copies of the planes), read at a per-lane address so ptxas keeps them in vector registers."""
-    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [pid], dtype=tl.int32, is_pure=True, pack=1)
-    pl = lut_ptr + 256 + lane * 8
-    return (tl.load(pl + 0), tl.load(pl + 1), tl.load(pl + 2), tl.load(pl + 3),
-            tl.load(pl + 4), tl.load(pl + 5), tl.load(pl + 6), tl.load(pl + 7))
-
-
-@triton.jit
 def _weights(wq, am, code_ptr, lb, p0, p1, p2, p3, p4, p5, p6, p7, DECODE: tl.constexpr,
              DOT_DTYPE: tl.constexpr):
     """``[64, 16]`` words and the absmax of each thread group's words ``[64, 4]`` (row, t: words
@@ -129,8 +119,6 @@ def _gemv_tcm_kernel(
     if NESTED:
         offset = tl.load(offset_ptr)
     lb, p0, p1, p2, p3, p4, p5, p6, p7 = _decode_setup(lut_ptr, DECODE)  # 'lds': the pair table
-    if DECODE == "prmt":
-        p0, p1, p2, p3, p4, p5, p6, p7 = _lane_planes(lut_ptr, pid_s)
     nblk = K // BLOCKSIZE
     offs_w = tl.arange(0, 16)
     pr = tl.arange(0, BN)  # physical rows of a tile: the words' order
